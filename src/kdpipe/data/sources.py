@@ -1,0 +1,171 @@
+"""Resolve ``data.source`` into raw splits: the packaged demo, a file, a folder of split files,
+a saved or hub Hugging Face dataset, or any of these inside a DVC repository at a revision."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kdpipe.config import DataConfig
+from kdpipe.data.readers import FORMATS, RawSplit, read_file
+from kdpipe.errors import DataError
+
+DEMO = "demo"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+LOCAL_HINT = (
+    "point data.source at local files instead: -S data.source=path/to/file.csv "
+    "(CSV, TSV, JSONL or Parquet) or a folder holding train/validation/test files"
+)
+
+
+@dataclass
+class Source:
+    """The splits found in a source (train always; validation/test when present)."""
+
+    splits: dict[str, RawSplit]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def demo_path() -> Path:
+    return Path(str(resources.files("kdpipe") / "demo"))
+
+
+def load_source(cfg: DataConfig) -> Source:
+    """Read every split that ``cfg.source`` provides, keyed train/validation/test."""
+    if cfg.repo:
+        return _load_from_dvc(cfg)
+    if cfg.source == DEMO:
+        source = _load_path(demo_path(), cfg)
+        source.provenance = {"kind": "demo", "path": "kdpipe/demo (packaged demo set)"}
+        return source
+    path = Path(cfg.source).expanduser()
+    if path.exists():
+        source = _load_path(path, cfg)
+        source.provenance = {"kind": "local", "path": str(path.resolve()), **_git_state(path)}
+        return source
+    looks_local = path.suffix != "" and "/" not in cfg.source
+    if looks_local or ("/" in cfg.source and path.parent.exists()):
+        raise DataError(f"{cfg.source}: file not found")
+    if _HUB_ID.match(cfg.source):
+        return _load_hub(cfg)
+    raise DataError(f"{cfg.source}: file not found")
+
+
+def _load_path(path: Path, cfg: DataConfig) -> Source:
+    if path.is_file():
+        return Source({"train": read_file(path, cfg.text_column, cfg.label_column)})
+    if (path / "dataset_dict.json").exists():
+        return _from_hf(_load_from_disk(path), cfg, str(path))
+    found: dict[str, RawSplit] = {}
+    names = cfg.splits.model_dump()
+    for role, name in names.items():
+        matches = sorted(p for p in path.glob(f"{name}.*") if p.suffix.lower() in FORMATS)
+        if len(matches) > 1:
+            listed = ", ".join(p.name for p in matches)
+            raise DataError(f"{path}: several files for split {name!r} ({listed}); keep one")
+        if matches:
+            found[role] = read_file(matches[0], cfg.text_column, cfg.label_column)
+    if "train" not in found:
+        exts = "/".join(e.lstrip(".") for e in FORMATS)
+        raise DataError(f"{path}: no {names['train']}.{{{exts}}} file in this folder")
+    return Source(found)
+
+
+def _load_from_disk(path: Path) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises several unrelated types here
+        raise DataError(f"{path}: not a readable saved Hugging Face dataset ({exc})") from None
+
+
+def _load_hub(cfg: DataConfig) -> Source:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(cfg.source, cfg.hf_config)
+    except Exception as exc:  # offline, unknown id, gated: all end the same way for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{cfg.source}: not a local path, and loading it from the Hugging Face hub "
+            f"failed ({reason[:160]}); {LOCAL_HINT}"
+        ) from None
+    source = _from_hf(dataset, cfg, f"hf:{cfg.source}")
+    source.provenance = {"kind": "huggingface", "id": cfg.source, "config": cfg.hf_config}
+    return source
+
+
+def _from_hf(dataset: Any, cfg: DataConfig, origin: str) -> Source:
+    splits: dict[str, RawSplit] = {}
+    for role, name in cfg.splits.model_dump().items():
+        if name not in dataset:
+            continue
+        part = dataset[name]
+        for column, option in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
+            if column not in part.column_names:
+                have = ", ".join(part.column_names)
+                raise DataError(
+                    f"{origin}[{name}]: no column {column!r} (columns: {have}); "
+                    f"set -S data.{option}=NAME"
+                )
+        feature = part.features[cfg.label_column]
+        names = list(feature.names) if hasattr(feature, "names") else None
+        splits[role] = RawSplit(
+            f"{origin}[{name}]", part[cfg.text_column], part[cfg.label_column], label_names=names
+        )
+    if "train" not in splits:
+        raise DataError(f"{origin}: no split named {cfg.splits.train!r} (data.splits.train)")
+    return Source(splits)
+
+
+def _load_from_dvc(cfg: DataConfig) -> Source:
+    from dvc.api import DVCFileSystem
+
+    try:
+        fs = DVCFileSystem(cfg.repo, rev=cfg.rev)
+        if not fs.exists(cfg.source):
+            raise DataError(f"{cfg.repo}@{cfg.rev or 'HEAD'}: no {cfg.source!r} in this repository")
+        commit = fs.repo.get_rev()
+        with tempfile.TemporaryDirectory(prefix="kdpipe-dvc-") as tmp:
+            local = Path(tmp) / Path(cfg.source).name
+            fs.get(cfg.source, str(local), recursive=fs.isdir(cfg.source))
+            source = _load_path(local, cfg)
+    except DataError:
+        raise
+    except Exception as exc:  # dvc/scmrepo raise many types for a bad repo, rev or remote
+        raise DataError(f"data.repo {cfg.repo!r} at rev {cfg.rev!r}: {exc}") from None
+    source.provenance = {
+        "kind": "dvc",
+        "repo": cfg.repo,
+        "path": cfg.source,
+        "rev": cfg.rev,
+        "git_commit": commit,
+    }
+    return source
+
+
+def _git_state(path: Path) -> dict[str, Any]:
+    """The git commit of the repo holding ``path`` and the DVC md5 of its .dvc file, if any."""
+    state: dict[str, Any] = {}
+    folder = path if path.is_dir() else path.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        state["git_commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    dvc_file = path.with_name(path.name + ".dvc")
+    if dvc_file.is_file():
+        import yaml
+
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        state["dvc_md5"] = outs[0].get("md5")
+    return state

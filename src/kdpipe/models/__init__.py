@@ -1,0 +1,1 @@
+"""Teacher wrapper and student architectures."""

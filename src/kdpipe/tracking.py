@@ -1,0 +1,127 @@
+"""MLflow tracking: one parent run per ``kdpipe run``, a nested child run per step.
+
+A step run on its own (``kdpipe ingest``, a DVC stage) gets a run of its own, nested under
+the run named by ``KDPIPE_PARENT_RUN_ID`` when that is set. Steps never import this module;
+the adapters wrap each step call with ``step_run`` and log the ``StepResult`` it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from kdpipe.config import Config
+from kdpipe.steps import StepResult
+
+PARENT_ENV = "KDPIPE_PARENT_RUN_ID"
+
+
+def tracking_uri(cfg: Config) -> str:
+    """MLFLOW_TRACKING_URI if set, else params' tracking.uri, else SQLite in work_dir."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    return "sqlite:///" + str(cfg.paths.mlflow_db.resolve())
+
+
+def configure(cfg: Config) -> str:
+    """Point MLflow at the store and experiment of ``cfg``; returns the experiment id."""
+    import logging
+
+    import mlflow
+
+    # MLflow and alembic announce schema creation at INFO on every new store; not news.
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        # A SQLite store has no artifact root of its own; keep artifacts beside the DB
+        # instead of in ./mlruns of whatever folder the command ran from.
+        location = cfg.paths.mlflow_artifacts.resolve().as_uri()
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def _run_tags(cfg: Config) -> dict[str, str]:
+    tags = {"kdpipe.params_hash": cfg.params_hash()}
+    commit = _git_commit()
+    if commit:
+        tags["kdpipe.git_commit"] = commit
+    return tags
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: Config, name: str = "pipeline") -> Iterator[str | None]:
+    """A parent run for a whole pipeline; yields its run id (None when tracking is off)."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    import mlflow
+
+    experiment_id = configure(cfg)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name,
+                          tags=_run_tags(cfg)) as run:
+        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+        yield run.info.run_id
+
+
+def step_run(cfg: Config, step: str, fn: Callable[[], StepResult]) -> StepResult:
+    """Call ``fn`` inside a run for ``step`` and log its metrics, artifacts and duration."""
+    if not cfg.tracking.enabled:
+        return _timed(fn)
+    import mlflow
+
+    active = mlflow.active_run()
+    experiment_id = configure(cfg)
+    parent = active.info.run_id if active else os.environ.get(PARENT_ENV)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=step,
+                          parent_run_id=parent, nested=active is not None,
+                          tags={"kdpipe.step": step, **_run_tags(cfg)}):
+        if active is None:
+            mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+        result = _timed(fn)
+        mlflow.log_metrics(result.metrics)
+        for path in result.artifacts:
+            mlflow.log_artifact(str(path))
+    return result
+
+
+def _timed(fn: Callable[[], StepResult]) -> StepResult:
+    start = time.perf_counter()
+    result = fn()
+    result.metrics.setdefault("seconds", round(time.perf_counter() - start, 3))
+    return result
