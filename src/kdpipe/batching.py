@@ -1,0 +1,50 @@
+"""Batches of similar-length texts, so dynamic padding pads little.
+
+Most texts in a classification set are far shorter than max_length; padding every batch to
+max_length spends most of the compute on padding. Inference sorts by length outright;
+training sorts within random buckets so batches stay shuffled across an epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def token_counts(tokenizer: Any, texts: Sequence[str], max_length: int) -> np.ndarray:
+    """Tokens per text after truncation at ``max_length`` (special tokens included)."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64,
+                       count=len(texts))
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Index batches in order of length (for inference; results are put back by index)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def bucketed_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator,
+                     bucket_size: int = 50) -> list[np.ndarray]:
+    """Shuffled index batches of similar length (for training).
+
+    Shuffle, cut into buckets of ``bucket_size * batch_size``, sort each bucket by length,
+    cut it into batches, then shuffle the batches. Every index appears exactly once.
+    """
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths))
+    span = batch_size * bucket_size
+    batches = []
+    for start in range(0, len(order), span):
+        bucket = order[start : start + span]
+        bucket = bucket[np.argsort(lengths[bucket], kind="stable")]
+        batches.extend(bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Any]:
+    """Tokenize one batch, padded to its longest text (dynamic padding), as torch tensors."""
+    return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                     return_tensors="pt")
