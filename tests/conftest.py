@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny BERT checkpoint built in the test, small data files, a config
+pointing at temp dirs. Nothing here touches the network or ../shared."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import kdpipe  # noqa: E402,F401  (switches telemetry off before anything else imports)
+from kdpipe.config import Config, validate  # noqa: E402
+
+POSITIVE = ["good", "great", "lovely", "excellent", "fine", "happy", "superb", "nice"]
+NEGATIVE = ["bad", "awful", "poor", "terrible", "broken", "sad", "dull", "nasty"]
+FILLER = ["the", "a", "movie", "film", "food", "it", "was", "very", "really", "quite",
+          "service", "phone", "and", "but", "so", "this", "that", "is"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def separable_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, label) pairs whose label is given by which sentiment word they contain."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(FILLER, rng.randint(2, 7))
+        words.insert(rng.randrange(len(words) + 1),
+                     rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        rows.append((" ".join(words) + f" {i}", label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label") -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header.split(","))
+        writer.writerows(rows)
+    return path
+
+
+def build_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """A 2-layer BERT (hidden 32) with a WordPiece tokenizer over a small vocabulary."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER)) + [str(d) for d in range(10)]
+    vocab += [f"##{d}" for d in range(10)]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)},
+                                  do_lower_case=True)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=128, num_labels=num_labels)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a tiny BERT checkpoint folder (do not modify; copy it first)."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, tiny_bert: Path):
+    """Build a Config with work_dir/cache in tmp_path, the tiny teacher, tracking off;
+    keyword overrides use dotted keys: make_config(**{"data.source": "x.csv"})."""
+
+    def build(**overrides: object) -> Config:
+        raw: dict = {
+            "work_dir": str(tmp_path / "work"),
+            "tracking": {"enabled": False},
+            "teacher": {"checkpoint": str(tiny_bert)},
+            "soft_labels": {"cache_dir": str(tmp_path / "cache")},
+        }
+        for key, value in overrides.items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return validate(raw, "test")
+
+    return build
+
+
+@pytest.fixture
+def separable_csv(tmp_path: Path) -> Path:
+    """A 200-row CSV whose label is decided by one sentiment word."""
+    return write_csv(tmp_path / "data" / "reviews.csv", separable_rows(200))
