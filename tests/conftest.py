@@ -67,6 +67,14 @@ def build_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _dvc_site_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Keep DVC's machine-wide site cache (default /var/tmp/dvc) inside the test's temp dir."""
+    os.environ["DVC_SITE_CACHE_DIR"] = str(tmp_path_factory.mktemp("dvc-site"))
+    yield
+    os.environ.pop("DVC_SITE_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a tiny BERT checkpoint folder (do not modify; copy it first)."""

@@ -1,0 +1,83 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kdpipe.cli import app
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch, tiny_bert, separable_csv):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def invoke(*args):
+        base = ["-S", f"teacher.checkpoint={tiny_bert}", "-S", f"work_dir={tmp_path / 'work'}",
+                "-S", f"data.source={separable_csv}", "-S", f"tracking.uri={uri}",
+                "-S", "tracking.experiment=t"]
+        result = CliRunner().invoke(app, [*args, *base])
+        assert result.exit_code == 0, result.output
+        return result
+
+    return invoke, uri
+
+
+def _runs(uri):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("t")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_pipeline_run_has_a_nested_run_per_step_with_params_and_data_card(tracked):
+    invoke, uri = tracked
+    result = invoke("run")
+    assert "kdpipe run" in result.output
+    client, runs = _runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert "ingest" in {c.info.run_name for c in children}
+    assert parent.data.params["ingest.max_length"] == "128"
+    assert len(parent.data.tags["kdpipe.params_hash"]) == 16
+    ingest_run = next(c for c in children if c.info.run_name == "ingest")
+    assert ingest_run.data.metrics["rows_train"] == 160
+    assert ingest_run.data.metrics["seconds"] > 0
+    card_path = client.download_artifacts(ingest_run.info.run_id, "data_card.json")
+    assert json.load(open(card_path))["rows"]["validation"] == 20
+
+
+def test_a_single_step_gets_its_own_run_and_env_uri_wins(tracked, tmp_path, monkeypatch):
+    invoke, uri = tracked
+    other = f"sqlite:///{tmp_path}/other.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    invoke("ingest")
+    _, runs = _runs(other)
+    assert [r.info.run_name for r in runs] == ["ingest"]
+    assert runs[0].data.params["data.source"].endswith("reviews.csv")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_tracking_can_be_switched_off(tmp_path, monkeypatch, tiny_bert, separable_csv):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(app, [
+        "run", "-S", f"teacher.checkpoint={tiny_bert}", "-S", f"work_dir={tmp_path / 'w'}",
+        "-S", f"data.source={separable_csv}", "-S", "tracking.enabled=false"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "w" / "prepared" / "train.parquet").exists()
+    assert not (tmp_path / "w" / "mlflow.db").exists()
+
+
+def test_telemetry_is_off_once_kdpipe_is_imported():
+    import os
+
+    import kdpipe  # noqa: F401
+
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert os.environ["DVC_NO_ANALYTICS"] == "1"
+    assert os.environ["HF_HUB_DISABLE_TELEMETRY"] == "1"
