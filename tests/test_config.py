@@ -71,8 +71,12 @@ def test_override_without_equals_is_refused():
         load_config(None, ["seed"])
 
 
-def test_override_below_a_value_is_refused():
+def test_override_below_a_value_is_refused(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("seed: 1\n")
     with pytest.raises(ConfigError, match="seed is a value, not a section"):
+        load_config(params, ["seed.x=1"])
+    with pytest.raises(ConfigError, match=r"seed: Input should be a valid integer"):
         load_config(None, ["seed.x=1"])
 
 
