@@ -82,8 +82,9 @@ def main(
 def _run_step(step: Step, cfg: Config) -> Any:
     from kdpipe import tracking
 
-    with err.status(f"[bold]{step.name}[/] running…", spinner="dots"):
-        result = tracking.step_run(cfg, step.name, lambda: step.call(cfg))
+    # No spinner here: steps draw their own progress bars, and rich allows one live display.
+    err.print(f"[bold]▶ {step.name}[/] [dim]{step.help}[/]", highlight=False)
+    result = tracking.step_run(cfg, step.name, lambda: step.call(cfg))
     err.print(f"[green]✓[/] {step.name}: {result.summary}", highlight=False)
     return result
 

@@ -1,0 +1,256 @@
+"""soft_labels: the teacher's logits (and [CLS] features) for every split, computed once per
+content and cached.
+
+Outputs in ``out_dir`` (replaced atomically), rows in each split's original order:
+
+- ``{train,validation,test}_logits.npy``: float32 ``(rows, num_labels)``;
+- ``{train,validation,test}_features.npy``: float32 ``(rows, hidden)``, the last hidden
+  layer at position 0 ([CLS]), when ``soft_labels.features``;
+- when ``soft_labels.augment.enabled``, the augmented transfer set made from train
+  (``kdpipe.augment``; no gold labels): ``augment_logits.npy`` (+ ``augment_features.npy``),
+  ``augment_source.npy`` (int64, the train row each variant came from) and
+  ``augment_texts.parquet`` (column ``text``);
+- ``manifest.json``: cache key and its parts, array shapes, cache hit, seconds, texts/s.
+
+The arrays live in a content-addressed cache (``kdpipe.softcache``) keyed by the teacher's
+weight and tokenizer files, the prepared data's content hash, max_length, the features flag,
+the augmentation settings and seed, and ``FORMAT_VERSION``. On a hit no model is loaded;
+the arrays are hard-linked (or copied) from the cache into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdpipe import softcache
+from kdpipe.atomic import atomic_dir, write_json
+from kdpipe.augment import make_variants
+from kdpipe.batching import encode, length_sorted_batches, token_counts
+from kdpipe.config import Config
+from kdpipe.data.prepare import SPLITS
+from kdpipe.errors import KdpipeError
+from kdpipe.models.teacher import load_tokenizer
+from kdpipe.progress import progress_bar
+from kdpipe.steps import StepResult
+from kdpipe.steps.ingest import read_labels, read_split
+
+log = logging.getLogger(__name__)
+
+# Bump when what is stored under a key changes (names, dtypes, what "features" means), so
+# old cache entries stop matching instead of being misread.
+FORMAT_VERSION = 1
+AUGMENT = "augment"
+MANIFEST = "manifest.json"
+
+
+def run(cfg: Config, teacher_dir: Path, prepared_dir: Path, out_dir: Path) -> StepResult:
+    """Label ``prepared_dir``'s splits with the teacher in ``teacher_dir`` into ``out_dir``.
+
+    Metrics: ``cache_hit`` (0/1), ``seconds`` (this run, end to end), ``texts_per_second``
+    (the teacher's labelling throughput when the entry was computed, so a hit reports the
+    throughput of the run that made it) and ``teacher_val_accuracy`` (argmax of the
+    validation logits against the gold labels).
+    """
+    start = time.perf_counter()
+    parts = key_parts(cfg, Path(teacher_dir), Path(prepared_dir))
+    key = softcache.cache_key(parts)
+    cache_dir = cfg.soft_labels.cache_dir
+    entry = softcache.lookup(cache_dir, key)
+    hit = entry is not None
+    if entry is None:
+        arrays, files, stats = label_all(cfg, Path(teacher_dir), Path(prepared_dir))
+        entry = softcache.store(cache_dir, key, arrays, {"parts": parts, **stats}, files)
+    meta = softcache.read_manifest(entry)["meta"]
+    with atomic_dir(out_dir) as tmp:
+        softcache.materialize(entry, tmp)
+        seconds = time.perf_counter() - start
+        write_json(tmp / MANIFEST, {
+            "key": key,
+            "parts": parts,
+            "cache_hit": hit,
+            "seconds": round(seconds, 3),
+            "label_seconds": meta["label_seconds"],
+            "texts_per_second": meta["texts_per_second"],
+            "texts": meta["texts"],
+            "shapes": meta["shapes"],
+        })
+    accuracy = validation_accuracy(out_dir, Path(prepared_dir))
+    metrics = {
+        "cache_hit": float(hit),
+        "seconds": seconds,
+        "texts_per_second": float(meta["texts_per_second"]),
+        "teacher_val_accuracy": accuracy,
+    }
+    return StepResult("soft_labels", out_dir, metrics, [out_dir / MANIFEST],
+                      _summary(hit, key, meta))
+
+
+def key_parts(cfg: Config, teacher_dir: Path, prepared_dir: Path) -> dict[str, Any]:
+    """Everything the stored arrays depend on, as JSON values (hashed into the cache key).
+
+    Batch size and device are left out: they change the numbers only by float rounding.
+    """
+    augment = cfg.soft_labels.augment
+    return {
+        "format": FORMAT_VERSION,
+        "teacher": softcache.file_tree_hash(teacher_dir),
+        "data": data_content_hash(prepared_dir),
+        "max_length": cfg.ingest.max_length,
+        "features": cfg.soft_labels.features,
+        "augment": {**augment.model_dump(mode="json"), "seed": cfg.seed}
+        if augment.enabled else None,
+    }
+
+
+def data_content_hash(prepared_dir: Path) -> str:
+    card = prepared_dir / "data_card.json"
+    try:
+        return json.loads(card.read_text(encoding="utf-8"))["content_hash"]
+    except FileNotFoundError:
+        raise KdpipeError(f"{card}: not found; run `kdpipe ingest` first") from None
+    except (ValueError, KeyError, TypeError):
+        raise KdpipeError(f"{card}: no content_hash; run `kdpipe ingest` again") from None
+
+
+def label_all(cfg: Config, teacher_dir: Path,
+              prepared_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, bytes], dict[str, Any]]:
+    """Run the teacher over every split (and the augmented set): the arrays to cache, extra
+    files (the augmented texts as Parquet bytes) and stats for the manifest."""
+    texts = {name: read_split(prepared_dir / f"{name}.parquet").texts for name in SPLITS}
+    tokenizer = load_tokenizer(str(teacher_dir))
+    model = load_teacher(teacher_dir, len(read_labels(prepared_dir)), cfg.seed)
+    arrays: dict[str, np.ndarray] = {}
+    files: dict[str, bytes] = {}
+    augment = cfg.soft_labels.augment
+    if augment.enabled:
+        if tokenizer.mask_token is None:
+            raise KdpipeError(f"{teacher_dir}: the tokenizer has no mask token, which "
+                              "soft_labels.augment needs; set soft_labels.augment.enabled=false")
+        texts[AUGMENT], arrays[f"{AUGMENT}_source"] = make_variants(
+            texts["train"], augment, cfg.seed, tokenizer.mask_token)
+        files[f"{AUGMENT}_texts.parquet"] = _parquet_bytes(texts[AUGMENT])
+    started = time.perf_counter()
+    arrays |= label_texts(model, tokenizer, texts, cfg.ingest.max_length,
+                          cfg.soft_labels.batch_size, cfg.soft_labels.features)
+    label_seconds = time.perf_counter() - started
+    total = sum(len(t) for t in texts.values())
+    stats = {
+        "texts": {name: len(t) for name, t in texts.items()},
+        "label_seconds": round(label_seconds, 3),
+        "texts_per_second": round(total / max(label_seconds, 1e-9), 1),
+        "shapes": {name: list(a.shape) for name, a in arrays.items()},
+    }
+    return arrays, files, stats
+
+
+def load_teacher(teacher_dir: Path, num_labels: int, seed: int) -> Any:
+    """The sequence classifier in ``teacher_dir``, float32, eval mode, on the GPU if any.
+
+    A checkpoint without a classification head (e.g. the default sentence encoder before
+    the teacher step) gets a fresh head, seeded with ``seed`` so reruns agree; its logits
+    carry no task knowledge, which is logged.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                teacher_dir, num_labels=num_labels, dtype=torch.float32,
+                output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise KdpipeError(f"{teacher_dir}: cannot load the teacher as a {num_labels}-class "
+                              f"classifier: {first}") from None
+    if info["missing_keys"]:
+        log.warning("%s: %s not in the checkpoint, initialised at random: its soft labels "
+                    "are untrained (fine-tune the teacher first)", teacher_dir,
+                    ", ".join(sorted(info["missing_keys"])))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval()
+
+
+def label_texts(model: Any, tokenizer: Any, texts: dict[str, list[str]], max_length: int,
+                batch_size: int, features: bool) -> dict[str, np.ndarray]:
+    """Logits (and [CLS] features) for each named list of texts, in the lists' order.
+
+    Texts run in length-sorted batches (little padding) and each batch's rows are written
+    back at their original indices. Returns ``{name}_logits`` float32 ``(n, num_labels)``
+    and, with ``features``, ``{name}_features`` float32 ``(n, hidden)``.
+    """
+    import torch
+
+    plan = {name: length_sorted_batches(token_counts(tokenizer, t, max_length), batch_size)
+            for name, t in texts.items() if t}
+    out: dict[str, np.ndarray] = {}
+    for name, t in texts.items():
+        out[f"{name}_logits"] = np.zeros((len(t), model.config.num_labels), np.float32)
+        if features:
+            out[f"{name}_features"] = np.zeros((len(t), model.config.hidden_size), np.float32)
+    device = next(model.parameters()).device
+    with progress_bar() as progress, torch.inference_mode():
+        task = progress.add_task("soft labels", total=sum(len(b) for b in plan.values()))
+        for name, batches in plan.items():
+            progress.update(task, description=f"soft labels: {name}")
+            for rows in batches:
+                batch = encode(tokenizer, [texts[name][i] for i in rows], max_length)
+                result = model(**batch.to(device), output_hidden_states=features)
+                out[f"{name}_logits"][rows] = result.logits.float().cpu().numpy()
+                if features:
+                    cls = result.hidden_states[-1][:, 0]
+                    out[f"{name}_features"][rows] = cls.float().cpu().numpy()
+                progress.advance(task)
+    return out
+
+
+def load(out_dir: Path) -> dict[str, np.ndarray]:
+    """The arrays of a soft_labels output folder, memory-mapped read-only (never unpickled):
+    ``train_logits``, ``train_features``, ..., ``augment_source`` as listed in its manifest."""
+    out_dir = Path(out_dir)
+    try:
+        shapes = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))["shapes"]
+    except FileNotFoundError:
+        raise KdpipeError(f"{out_dir}: no {MANIFEST}; run `kdpipe soft-labels` first") from None
+    return {name: np.load(out_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            for name in shapes}
+
+
+def load_augment_texts(out_dir: Path) -> list[str]:
+    """The augmented texts (row i belongs to ``augment_logits[i]``)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(out_dir) / f"{AUGMENT}_texts.parquet",
+                         columns=["text"]).column("text").to_pylist()
+
+
+def validation_accuracy(out_dir: Path, prepared_dir: Path) -> float:
+    logits = np.load(out_dir / "validation_logits.npy", mmap_mode="r", allow_pickle=False)
+    gold = np.asarray(read_split(prepared_dir / "validation.parquet").labels)
+    return float((np.argmax(logits, axis=1) == gold).mean())
+
+
+def _summary(hit: bool, key: str, meta: dict[str, Any]) -> str:
+    if hit:
+        return f"cache hit {key[:8]}…"
+    counts = meta["texts"]
+    line = "+".join(f"{counts[name]:,}" for name in SPLITS)
+    line = f"labelled {line} texts at {meta['texts_per_second']:,.0f}/s"
+    if AUGMENT in counts:
+        line += f" (incl. {counts[AUGMENT]:,} augmented)"
+    return line
+
+
+def _parquet_bytes(texts: list[str]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), sink)
+    return sink.getvalue().to_pybytes()
