@@ -37,12 +37,14 @@ def test_dvc_stages_match_the_pipeline_and_layout():
     assert list(stages) == [step.name for step in STEPS]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     layout = load_config(REPO / "params.yaml").paths
-    for name, stage in stages.items():
-        assert stage["cmd"].split()[:2] == ["kdpipe", name]
-        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
-        for out in outs:
-            resolved = Path(out.replace("${work_dir}", params["work_dir"]))
-            assert resolved.parent == getattr(layout, {"ingest": "prepared"}.get(name, name))
+    for step in STEPS:
+        stage = stages[step.name]
+        assert stage["cmd"].split()[:2] == ["kdpipe", step.command]
+        outs = [Path(o.replace("${work_dir}", params["work_dir"])) for o in stage["outs"]]
+        expected = getattr(layout, {"ingest": "prepared"}.get(step.name, step.name))
+        assert all(out == expected or out.parent == expected for out in outs)
+        metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage["metrics"]]
+        assert f"${{work_dir}}/metrics/{step.name}.json" in metrics
 
 
 def _fresh_clone(tmp_path: Path, teacher: Path) -> Path:

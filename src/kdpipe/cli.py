@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdpipe import __version__
+from kdpipe.atomic import write_json
 from kdpipe.config import Config, defaults_yaml, load_config
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline import STEPS, Step
@@ -84,7 +85,8 @@ def _run_step(step: Step, cfg: Config) -> Any:
 
     # No spinner here: steps draw their own progress bars, and rich allows one live display.
     err.print(f"[bold]▶ {step.name}[/] [dim]{step.help}[/]", highlight=False)
-    result = tracking.step_run(cfg, step.name, lambda: step.call(cfg))
+    result = tracking.step_run(cfg, step.name, lambda log: step.call(cfg, log))
+    write_json(cfg.paths.metrics / f"{step.name}.json", result.metrics)
     err.print(f"[green]✓[/] {step.name}: {result.summary}", highlight=False)
     return result
 
@@ -98,7 +100,7 @@ def _register_step(step: Step) -> None:
         _run_step(step, cfg)
 
     command.__doc__ = step.help
-    app.command(step.name, help=step.help)(command)
+    app.command(step.command, help=step.help)(command)
 
 
 for _step in STEPS:

@@ -193,6 +193,11 @@ class Layout:
         return self.root / "soft_labels"
 
     @property
+    def metrics(self) -> Path:
+        """``<step>.json`` per step: the step's metrics, for ``dvc metrics show``."""
+        return self.root / "metrics"
+
+    @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow.db"
 

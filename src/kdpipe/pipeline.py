@@ -1,7 +1,8 @@
 """The steps in order, wired to their paths under work_dir, for ``kdpipe run`` and the CLI.
 
 dvc.yaml declares the same stages and paths (a test checks they agree); the KFP DAG maps
-them onto artifacts.
+them onto artifacts. Each step gets a ``log_metric(name, value, step)`` callable from the
+adapter (MLflow when tracking is on) for curves such as the training loss.
 """
 
 from __future__ import annotations
@@ -12,23 +13,49 @@ from dataclasses import dataclass
 from kdpipe.config import Config
 from kdpipe.steps import StepResult
 
+LogMetric = Callable[[str, float, int], None]
+
 
 @dataclass(frozen=True)
 class Step:
     name: str
     help: str
-    call: Callable[[Config], StepResult]
+    call: Callable[[Config, LogMetric | None], StepResult]
+
+    @property
+    def command(self) -> str:
+        """The CLI subcommand (and DVC stage cmd) name: soft_labels -> soft-labels."""
+        return self.name.replace("_", "-")
 
 
-def _ingest(cfg: Config) -> StepResult:
+def _ingest(cfg: Config, log_metric: LogMetric | None) -> StepResult:
     from kdpipe.steps import ingest
 
     return ingest.run(cfg, cfg.paths.prepared)
 
 
+def _teacher(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import teacher
+
+    paths = cfg.paths
+    return teacher.run(cfg, paths.prepared, paths.teacher, paths.teacher_checkpoints,
+                       log_metric=log_metric)
+
+
+def _soft_labels(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import soft_labels
+
+    paths = cfg.paths
+    return soft_labels.run(cfg, paths.teacher, paths.prepared, paths.soft_labels)
+
+
 STEPS: tuple[Step, ...] = (
     Step("ingest", "Read, check and split the data; write Parquet splits and a data card.",
          _ingest),
+    Step("teacher", "Fine-tune the teacher on the prepared data (resumes if interrupted).",
+         _teacher),
+    Step("soft_labels", "Cache the teacher's logits and [CLS] features for every split.",
+         _soft_labels),
 )
 
 

@@ -62,23 +62,27 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def file_tree_hash(folder: Path, patterns: Iterable[str] = CHECKPOINT_PATTERNS) -> str:
+def file_tree_hash(folder: Path, patterns: Iterable[str] = CHECKPOINT_PATTERNS,
+                   exclude: Iterable[str] = ()) -> str:
     """sha256 (hex) over the files under ``folder`` whose name matches one of ``patterns``.
 
     Each file counts by its path relative to ``folder`` and the sha256 of its bytes, so the
     hash follows the content and not where the folder lives (a copy, a moved folder and a
     Hugging Face snapshot of symlinks hash alike). Hidden files and folders are skipped.
+    Names matching ``exclude`` (reports such as ``training.json``) are skipped.
     Raises ``KdpipeError`` if ``folder`` is not a folder or no file matches.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise KdpipeError(f"{folder}: not a folder")
     patterns = tuple(patterns)
+    exclude = tuple(exclude)
     files = sorted(
         path.relative_to(folder).as_posix() for path in folder.rglob("*")
         if path.is_file()
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
         and any(fnmatch.fnmatchcase(path.name, p) for p in patterns)
+        and not any(fnmatch.fnmatchcase(path.name, p) for p in exclude)
     )
     if not files:
         raise KdpipeError(f"{folder}: no files matching {', '.join(patterns)}")

@@ -19,6 +19,7 @@ from kdpipe.config import Config
 from kdpipe.steps import StepResult
 
 PARENT_ENV = "KDPIPE_PARENT_RUN_ID"
+LogMetric = Callable[[str, float, int], None]
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -99,10 +100,12 @@ def pipeline_run(cfg: Config, name: str = "pipeline") -> Iterator[str | None]:
         yield run.info.run_id
 
 
-def step_run(cfg: Config, step: str, fn: Callable[[], StepResult]) -> StepResult:
-    """Call ``fn`` inside a run for ``step`` and log its metrics, artifacts and duration."""
+def step_run(cfg: Config, step: str,
+             fn: Callable[[LogMetric | None], StepResult]) -> StepResult:
+    """Call ``fn(log_metric)`` inside a run for ``step``; log its metrics, artifacts and
+    duration. ``log_metric(name, value, step)`` logs curves into that run."""
     if not cfg.tracking.enabled:
-        return _timed(fn)
+        return _timed(lambda: fn(None))
     import mlflow
 
     active = mlflow.active_run()
@@ -113,11 +116,17 @@ def step_run(cfg: Config, step: str, fn: Callable[[], StepResult]) -> StepResult
                           tags={"kdpipe.step": step, **_run_tags(cfg)}):
         if active is None:
             mlflow.log_params(flatten(cfg.model_dump(mode="json")))
-        result = _timed(fn)
+        result = _timed(lambda: fn(_log_metric))
         mlflow.log_metrics(result.metrics)
         for path in result.artifacts:
             mlflow.log_artifact(str(path))
     return result
+
+
+def _log_metric(name: str, value: float, step: int) -> None:
+    import mlflow
+
+    mlflow.log_metric(name, value, step=step)
 
 
 def _timed(fn: Callable[[], StepResult]) -> StepResult:

@@ -99,7 +99,8 @@ def key_parts(cfg: Config, teacher_dir: Path, prepared_dir: Path) -> dict[str, A
     augment = cfg.soft_labels.augment
     return {
         "format": FORMAT_VERSION,
-        "teacher": softcache.file_tree_hash(teacher_dir),
+        # training.json holds timings: a retrain to identical weights must still hit.
+        "teacher": softcache.file_tree_hash(teacher_dir, exclude=("training.json",)),
         "data": data_content_hash(prepared_dir),
         "max_length": cfg.ingest.max_length,
         "features": cfg.soft_labels.features,
