@@ -4,7 +4,7 @@ parameters for AdamW."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,20 +100,24 @@ def load_teacher(checkpoint: str, label_names: Sequence[str]) -> tuple[Any, dict
     return model, report
 
 
-def predict_logits(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int,
-                   max_length: int, autocast_dtype: Any = None) -> np.ndarray:
-    """Logits, float32 of shape (len(texts), num_labels), in the order of ``texts``.
+def predict(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int,
+            max_length: int, features: bool = False, autocast_dtype: Any = None,
+            advance: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits, float32 ``(len(texts), num_labels)``, and with ``features`` the last layer's
+    [CLS] hidden state, float32 ``(len(texts), hidden)``; rows in the order of ``texts``.
 
     Runs in eval mode without gradients on the model's device, in length-sorted batches so
     that dynamic padding pads little; the model's train/eval mode is restored afterwards.
-    ``autocast_dtype`` (torch.bfloat16 / float16) autocasts on a CUDA device.
+    ``autocast_dtype`` (torch.bfloat16 / float16) autocasts on a CUDA device. ``advance``
+    is called once per batch (for a progress bar).
     """
     import torch
 
     from kdpipe.batching import encode, length_sorted_batches, token_counts
 
     device = next(model.parameters()).device
-    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    cls = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32) if features else None
     was_training = model.training
     model.eval()
     cast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -123,10 +127,22 @@ def predict_logits(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_si
             for index in length_sorted_batches(token_counts(tokenizer, texts, max_length),
                                                batch_size):
                 batch = encode(tokenizer, [texts[i] for i in index], max_length).to(device)
-                out[index] = model(**batch).logits.float().cpu().numpy()
+                out = model(**batch, output_hidden_states=features)
+                logits[index] = out.logits.float().cpu().numpy()
+                if cls is not None:
+                    cls[index] = out.hidden_states[-1][:, 0].float().cpu().numpy()
+                if advance is not None:
+                    advance()
     finally:
         model.train(was_training)
-    return out
+    return logits, cls
+
+
+def predict_logits(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int,
+                   max_length: int, autocast_dtype: Any = None) -> np.ndarray:
+    """``predict``'s logits alone."""
+    return predict(model, tokenizer, texts, batch_size=batch_size, max_length=max_length,
+                   autocast_dtype=autocast_dtype)[0]
 
 
 def no_decay_param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:

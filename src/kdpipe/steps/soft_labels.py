@@ -31,10 +31,10 @@ import numpy as np
 from kdpipe import softcache
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.augment import make_variants
-from kdpipe.batching import encode, length_sorted_batches, token_counts
 from kdpipe.config import Config
 from kdpipe.data.prepare import SPLITS
 from kdpipe.errors import KdpipeError
+from kdpipe.models import teacher as teacher_model
 from kdpipe.models.teacher import load_tokenizer
 from kdpipe.progress import progress_bar
 from kdpipe.steps import StepResult
@@ -125,7 +125,7 @@ def label_all(cfg: Config, teacher_dir: Path,
     files (the augmented texts as Parquet bytes) and stats for the manifest."""
     texts = {name: read_split(prepared_dir / f"{name}.parquet").texts for name in SPLITS}
     tokenizer = load_tokenizer(str(teacher_dir))
-    model = load_teacher(teacher_dir, len(read_labels(prepared_dir)), cfg.seed)
+    model = load_teacher(teacher_dir, read_labels(prepared_dir), cfg.seed)
     arrays: dict[str, np.ndarray] = {}
     files: dict[str, bytes] = {}
     augment = cfg.soft_labels.augment
@@ -150,64 +150,45 @@ def label_all(cfg: Config, teacher_dir: Path,
     return arrays, files, stats
 
 
-def load_teacher(teacher_dir: Path, num_labels: int, seed: int) -> Any:
-    """The sequence classifier in ``teacher_dir``, float32, eval mode, on the GPU if any.
+def load_teacher(teacher_dir: Path, label_names: list[str], seed: int) -> Any:
+    """The classifier in ``teacher_dir``, float32, eval mode, on the GPU if any.
 
-    A checkpoint without a classification head (e.g. the default sentence encoder before
-    the teacher step) gets a fresh head, seeded with ``seed`` so reruns agree; its logits
-    carry no task knowledge, which is logged.
+    A checkpoint without a classification head (the default sentence encoder before the
+    teacher step) gets a fresh head, seeded with ``seed`` so reruns agree, and a warning:
+    its logits carry no task knowledge. A head for another number of classes is an error.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                teacher_dir, num_labels=num_labels, dtype=torch.float32,
-                output_loading_info=True)
-        except (OSError, ValueError, RuntimeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise KdpipeError(f"{teacher_dir}: cannot load the teacher as a {num_labels}-class "
-                              f"classifier: {first}") from None
-    if info["missing_keys"]:
+        model, report = teacher_model.load_teacher(str(teacher_dir), label_names)
+    if report["mismatched"]:
+        raise KdpipeError(f"{teacher_dir}: its classification head does not fit the "
+                          f"{len(label_names)} classes of the data; run `kdpipe teacher` first")
+    if report["missing"]:
         log.warning("%s: %s not in the checkpoint, initialised at random: its soft labels "
                     "are untrained (fine-tune the teacher first)", teacher_dir,
-                    ", ".join(sorted(info["missing_keys"])))
+                    ", ".join(report["missing"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
+    return model.to(device, dtype=torch.float32).eval()
 
 
 def label_texts(model: Any, tokenizer: Any, texts: dict[str, list[str]], max_length: int,
                 batch_size: int, features: bool) -> dict[str, np.ndarray]:
-    """Logits (and [CLS] features) for each named list of texts, in the lists' order.
-
-    Texts run in length-sorted batches (little padding) and each batch's rows are written
-    back at their original indices. Returns ``{name}_logits`` float32 ``(n, num_labels)``
-    and, with ``features``, ``{name}_features`` float32 ``(n, hidden)``.
-    """
-    import torch
-
-    plan = {name: length_sorted_batches(token_counts(tokenizer, t, max_length), batch_size)
-            for name, t in texts.items() if t}
+    """``{name}_logits`` float32 ``(n, num_labels)`` and, with ``features``,
+    ``{name}_features`` float32 ``(n, hidden)`` for each named list of texts, in order."""
     out: dict[str, np.ndarray] = {}
-    for name, t in texts.items():
-        out[f"{name}_logits"] = np.zeros((len(t), model.config.num_labels), np.float32)
-        if features:
-            out[f"{name}_features"] = np.zeros((len(t), model.config.hidden_size), np.float32)
-    device = next(model.parameters()).device
-    with progress_bar() as progress, torch.inference_mode():
-        task = progress.add_task("soft labels", total=sum(len(b) for b in plan.values()))
-        for name, batches in plan.items():
+    batches = sum(-(-len(t) // batch_size) for t in texts.values())
+    with progress_bar() as progress:
+        task = progress.add_task("soft labels", total=batches)
+        for name, items in texts.items():
             progress.update(task, description=f"soft labels: {name}")
-            for rows in batches:
-                batch = encode(tokenizer, [texts[name][i] for i in rows], max_length)
-                result = model(**batch.to(device), output_hidden_states=features)
-                out[f"{name}_logits"][rows] = result.logits.float().cpu().numpy()
-                if features:
-                    cls = result.hidden_states[-1][:, 0]
-                    out[f"{name}_features"][rows] = cls.float().cpu().numpy()
-                progress.advance(task)
+            logits, cls = teacher_model.predict(
+                model, tokenizer, items, batch_size=batch_size, max_length=max_length,
+                features=features, advance=lambda: progress.advance(task))
+            out[f"{name}_logits"] = logits
+            if cls is not None:
+                out[f"{name}_features"] = cls
     return out
 
 
