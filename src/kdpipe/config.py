@@ -143,6 +143,109 @@ class SoftLabelsConfig(Section):
     augment: AugmentConfig = AugmentConfig()
 
 
+class TextCNNConfig(Section):
+    filter_sizes: list[int] = Field([3, 4, 5], min_length=1, description="Kim 2014 widths.")
+    num_filters: int = Field(100, ge=1, description="Filters per width.")
+
+
+class BiLSTMConfig(Section):
+    hidden_size: int = Field(150, ge=1, description="Per direction (Tang et al. 2019: 150).")
+    layers: int = Field(1, ge=1)
+
+
+class TinyTransformerConfig(Section):
+    teacher_layers: list[int] | None = Field(
+        None, description="Teacher layers copied into the student, e.g. [0, 2, 4]; "
+        "null: every other layer, as DistilBERT initialises."
+    )
+
+
+class StudentConfig(Section):
+    arch: Literal["textcnn", "bilstm", "transformer"] = "textcnn"
+    embedding_dim: int = Field(
+        128, ge=8, description="Word-embedding width (textcnn, bilstm); the transformer "
+        "keeps the teacher's width."
+    )
+    init_from_teacher: bool = Field(
+        True, description="Start word embeddings from the teacher's (projected by PCA "
+        "where widths differ)."
+    )
+    dropout: float = Field(0.2, ge=0, lt=1)
+    textcnn: TextCNNConfig = TextCNNConfig()
+    bilstm: BiLSTMConfig = BiLSTMConfig()
+    transformer: TinyTransformerConfig = TinyTransformerConfig()
+
+
+class FeatureLossConfig(Section):
+    weight: float = Field(0.0, ge=0, description="Student pooled feature -> teacher [CLS].")
+    kind: Literal["mse", "cosine"] = "mse"
+
+
+class CRDConfig(Section):
+    """Contrastive representation distillation (Tian et al. 2020), InfoNCE form."""
+
+    weight: float = Field(0.0, ge=0)
+    temperature: float = Field(0.07, gt=0)
+    negatives: Literal["in_batch", "memory_bank"] = "in_batch"
+    bank_size: int = Field(4096, ge=1, description="Teacher features kept as negatives.")
+    projection_dim: int = Field(128, ge=1)
+
+
+class HiddenLossConfig(Section):
+    """Layer-to-layer matching for the transformer student (BERT-PKD / TinyBERT)."""
+
+    weight: float = Field(0.0, ge=0)
+    layer_pairs: list[tuple[int, int]] = Field(
+        [(1, 2), (2, 4), (3, 6)],
+        description="(student layer, teacher layer) pairs of hidden states; 0 = embeddings.",
+    )
+
+
+class EMAConfig(Section):
+    """Mean-teacher self-distillation: an EMA of the student gives extra soft targets."""
+
+    weight: float = Field(0.0, ge=0)
+    momentum: float = Field(0.99, gt=0, lt=1)
+
+
+class FractionateConfig(Section):
+    strategy: Literal["all", "random", "entropy", "margin", "class_balanced", "dynamic"] = "all"
+    fraction: float = Field(0.5, gt=0, le=1, description="Share kept by random/entropy/margin.")
+    schedule: list[float] = Field(
+        [0.5, 0.3, 1.0], min_length=1,
+        description="dynamic: fraction per epoch (the last repeats), ranked by schedule_by.",
+    )
+    schedule_by: Literal["entropy", "margin", "random"] = "entropy"
+    include_augmented: bool = Field(True, description="Select from augmented texts too.")
+
+
+class DistillConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(5.0, gt=0)
+    early_stopping_patience: int | None = Field(3, ge=1)
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="loss = alpha * T^2 * KL(teacher || student at T) "
+        "+ (1 - alpha) * cross-entropy with the gold label (augmented texts: KD only)."
+    )
+    temperature: float = Field(2.0, gt=0)
+    temperature_end: float | None = Field(
+        None, gt=0, description="Anneal the temperature linearly to this by the last epoch."
+    )
+    logit_mse: float = Field(0.0, ge=0, description="Weight of MSE between raw logits.")
+    hard_label_epochs: int = Field(
+        0, ge=0, description="Two-stage training: this many epochs of hard labels first."
+    )
+    feature: FeatureLossConfig = FeatureLossConfig()
+    crd: CRDConfig = CRDConfig()
+    hidden: HiddenLossConfig = HiddenLossConfig()
+    ema: EMAConfig = EMAConfig()
+    num_threads: int | None = Field(None, ge=1)
+
+
 class Config(Section):
     seed: int = 42
     work_dir: Path = Path("work")
@@ -151,6 +254,9 @@ class Config(Section):
     ingest: IngestConfig = IngestConfig()
     teacher: TeacherConfig = TeacherConfig()
     soft_labels: SoftLabelsConfig = SoftLabelsConfig()
+    fractionate: FractionateConfig = FractionateConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _splits_differ(self) -> Config:
@@ -191,6 +297,14 @@ class Layout:
     @property
     def soft_labels(self) -> Path:
         return self.root / "soft_labels"
+
+    @property
+    def fractions(self) -> Path:
+        return self.root / "fractions"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
 
     @property
     def metrics(self) -> Path:
@@ -289,4 +403,5 @@ def _describe(exc: ValidationError) -> str:
 
 def defaults_yaml() -> str:
     """params.yaml with every default, for `kdpipe params --defaults`."""
-    return yaml.safe_dump(Config().model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(Config().model_dump(mode="json"), sort_keys=False,
+                          default_flow_style=None)
