@@ -18,7 +18,7 @@ from rich.table import Table
 
 from kdpipe import __version__
 from kdpipe.atomic import write_json
-from kdpipe.config import Config, defaults_yaml, load_config
+from kdpipe.config import Config, defaults_yaml, load_config, to_yaml
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline import STEPS, Step
 
@@ -145,14 +145,11 @@ def params(
     defaults: Annotated[bool, typer.Option(help="Print the built-in defaults instead.")] = False,
 ) -> None:
     """Print the settings in effect (params file + overrides), as YAML."""
-    import yaml
-
+    # Plain stdout, not rich: rich wraps long lines, which would corrupt redirected YAML.
     if defaults:
-        out.print(defaults_yaml(), end="", highlight=False)
+        typer.echo(defaults_yaml(), nl=False)
         return
-    cfg = load_config(params, set_)
-    out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="",
-              highlight=False)
+    typer.echo(to_yaml(load_config(params, set_)), nl=False)
 
 
 if __name__ == "__main__":

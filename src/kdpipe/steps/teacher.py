@@ -39,6 +39,7 @@ from kdpipe.batching import bucketed_batches, encode, token_counts
 from kdpipe.config import Config, TeacherConfig
 from kdpipe.data.prepare import Split
 from kdpipe.errors import KdpipeError
+from kdpipe.metrics import accuracy_and_f1
 from kdpipe.models.teacher import (
     load_teacher,
     load_tokenizer,
@@ -49,6 +50,7 @@ from kdpipe.models.teacher import (
 from kdpipe.progress import progress_bar
 from kdpipe.steps import StepResult
 from kdpipe.steps.ingest import read_labels, read_split
+from kdpipe.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -219,21 +221,6 @@ def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype | None]:
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
         return cuda, torch.bfloat16
     return cuda, torch.float16
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Use ``count`` torch CPU threads inside, and restore the previous count after (later
-    steps of the same process must not inherit this step's setting)."""
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def epoch_groups(cfg: Config, lengths: np.ndarray, epoch: int) -> list[list[np.ndarray]]:
@@ -469,14 +456,10 @@ def epochs_done(t: Training) -> float:
 
 def evaluate(t: Training) -> None:
     """Validation accuracy and macro-F1; keep the weights if accuracy is the best so far."""
-    from sklearn.metrics import accuracy_score, f1_score
-
     s, val = t.state, t.data.validation
     logits = predict_logits(t.model, t.tokenizer, val.texts, batch_size=t.cfg.teacher.batch_size,
                             max_length=t.cfg.ingest.max_length, autocast_dtype=t.autocast_dtype)
-    predicted = logits.argmax(axis=1)
-    accuracy = float(accuracy_score(val.labels, predicted))
-    macro_f1 = float(f1_score(val.labels, predicted, average="macro", zero_division=0))
+    accuracy, macro_f1 = accuracy_and_f1(np.asarray(val.labels), logits.argmax(axis=1))
     s.eval_history.append({"step": s.step, "epoch": epochs_done(t), "accuracy": accuracy,
                            "macro_f1": macro_f1})
     s.last_eval_step = s.step

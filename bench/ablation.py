@@ -1,0 +1,127 @@
+"""Distillation ablation: each student x loss mix, then fractionation strategies.
+
+    python bench/teacher.py --data ../shared/data/sst2 ...     # first: teacher + soft labels
+    python bench/ablation.py --data ../shared/data/sst2 --students textcnn,bilstm
+
+Reuses the prepared data, fine-tuned teacher and soft labels that bench/teacher.py left in
+``--work``/<data name>, so every row distils from the same teacher. For each student and loss
+mix it runs fractionate (strategy all) + distill; then, on the best student, each
+fractionation strategy with plain KD. Prints a markdown table (validation accuracy, % of the
+teacher's accuracy, training time) and writes bench/results/ablation_<data name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from kdpipe.config import Config, load_config
+from kdpipe.steps import distill, fractionate
+
+RESULTS = Path(__file__).parent / "results"
+
+# Loss mixes compared; the rest of `distill` stays at params.yaml's values.
+VARIANTS = {
+    "hard": lambda epochs: [f"distill.hard_label_epochs={epochs}"],
+    "kd": lambda epochs: [],
+    "kd+feature": lambda epochs: ["distill.feature.weight=0.5", "distill.feature.kind=cosine"],
+    "kd+crd": lambda epochs: ["distill.crd.weight=0.1"],
+    "kd+ema": lambda epochs: ["distill.ema.weight=0.5"],
+}
+# A student initialised from teacher layers needs a fine-tuning learning rate.
+STUDENT_SETTINGS = {
+    "textcnn": [],
+    "bilstm": [],
+    "transformer": ["distill.lr=5e-5", "distill.batch_size=32", "distill.warmup_ratio=0.1"],
+}
+STRATEGIES = {
+    "all": [],
+    "random 50%": ["fractionate.strategy=random"],
+    "entropy 50%": ["fractionate.strategy=entropy"],
+    "margin 50%": ["fractionate.strategy=margin"],
+    "class_balanced": ["fractionate.strategy=class_balanced"],
+    "dynamic 50/30/100": ["fractionate.strategy=dynamic"],
+}
+
+
+def distil(cfg: Config, name: str) -> dict:
+    work = cfg.paths.root / "ablation" / name.replace(" ", "_").replace("/", "-")
+    start = time.perf_counter()
+    fractionate.run(cfg, cfg.paths.soft_labels, cfg.paths.prepared, work / "fractions")
+    result = distill.run(cfg, cfg.paths.prepared, cfg.paths.soft_labels, work / "fractions",
+                         cfg.paths.teacher, work / "student")
+    return {"val_accuracy": result.metrics["val_accuracy"],
+            "val_macro_f1": result.metrics["val_macro_f1"],
+            "epochs_run": result.metrics["epochs_run"],
+            "params": int(result.metrics["params"]),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--work", default="/tmp/kb")
+    parser.add_argument("--students", default="textcnn,bilstm,transformer")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--transformer-epochs", type=int, default=2)
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    name = Path(args.data).name
+    base = [f"data.source={args.data}", f"work_dir={args.work}/{name}",
+            f"soft_labels.cache_dir={args.work}/cache", "tracking.enabled=false",
+            *args.overrides]
+    teacher = json.loads((Path(args.work) / name / "teacher" / "training.json").read_text())
+    teacher_acc = max(e["accuracy"] for e in teacher["evaluations"])
+    rows = []
+
+    def record(student: str, variant: str, strategy: str, settings: list[str]) -> dict:
+        epochs = args.transformer_epochs if student == "transformer" else args.epochs
+        cfg = load_config(None, [*base, f"student.arch={student}", f"distill.epochs={epochs}",
+                                 *STUDENT_SETTINGS[student], *VARIANTS[variant](epochs),
+                                 *settings])
+        row = {"student": student, "variant": variant, "strategy": strategy,
+               **distil(cfg, f"{student}-{variant}-{strategy}")}
+        row["pct_of_teacher"] = round(100 * row["val_accuracy"] / teacher_acc, 2)
+        rows.append(row)
+        print(f"{student:12s} {variant:11s} {strategy:18s} acc {row['val_accuracy']:.4f} "
+              f"({row['pct_of_teacher']:.1f}% of teacher) {row['seconds']:.0f} s", flush=True)
+        save(args, name, teacher_acc, rows)
+        return row
+
+    for student in args.students.split(","):
+        for variant in args.variants.split(","):
+            record(student, variant, "all", [])
+    best = max((r for r in rows if r["variant"] != "hard"), key=lambda r: r["val_accuracy"])
+    for strategy in args.strategies.split(","):
+        if strategy != "all":
+            record(best["student"], best["variant"], strategy, STRATEGIES[strategy])
+    print_table(rows, teacher_acc)
+
+
+def save(args: argparse.Namespace, name: str, teacher_acc: float, rows: list[dict]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    out = {"data": name, "machine": f"{platform.machine()}, 2 cores",
+           "teacher_val_accuracy": teacher_acc, "epochs": args.epochs,
+           "transformer_epochs": args.transformer_epochs, "overrides": args.overrides,
+           "rows": rows}
+    (RESULTS / f"ablation_{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def print_table(rows: list[dict], teacher_acc: float) -> None:
+    print(f"\nteacher validation accuracy: {teacher_acc:.4f}\n")
+    print("| student | loss | fractionation | val acc | % of teacher | macro-F1 | epochs | "
+          "params | seconds |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['student']} | {r['variant']} | {r['strategy']} | {r['val_accuracy']:.4f} "
+              f"| {r['pct_of_teacher']:.1f} | {r['val_macro_f1']:.4f} | {r['epochs_run']:.0f} "
+              f"| {r['params']:,} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""TextCNN student (Kim 2014): word embeddings, one convolution per filter width, max over
+time, a linear classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdpipe.models.students import StudentOutput
+
+
+class TextCNN(nn.Module):
+    """Embed → Conv1d per width (``num_filters`` each) → ReLU → max over the windows of the
+    text → concat → dropout → Linear.
+
+    ``forward(input_ids, attention_mask)``: both (B, L), right-padded (as BERT tokenizers
+    pad), mask 1 for real tokens. Returns ``StudentOutput(logits (B, num_labels), features
+    (B, feature_dim), None)`` with ``feature_dim = num_filters * len(filter_sizes)``. Extra
+    padding does not change the output.
+    """
+
+    def __init__(self, vocab_size: int, embedding_dim: int, pad_id: int,
+                 filter_sizes: Sequence[int], num_filters: int, num_labels: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
+        self.convs = nn.ModuleList(nn.Conv1d(embedding_dim, num_filters, width)
+                                   for width in filter_sizes)
+        self.filter_sizes = tuple(filter_sizes)
+        self.feature_dim = num_filters * len(self.filter_sizes)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(self.feature_dim, num_labels)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> StudentOutput:
+        mask = attention_mask.to(self.embedding.weight.dtype)
+        # Zero padded positions whatever the pad row holds, so padding adds nothing to a window.
+        embedded = self.embedding(input_ids) * mask.unsqueeze(-1)
+        # Always pad by widest - 1 zeros (no branch on the length, so it exports with a dynamic
+        # length): every filter then has a window even on a text shorter than it.
+        embedded = F.pad(embedded.transpose(1, 2), (0, max(self.filter_sizes) - 1))  # (B, E, L')
+        lengths = attention_mask.sum(1)
+        pooled = []
+        for width, conv in zip(self.filter_sizes, self.convs, strict=True):
+            scores = F.relu(conv(embedded))  # (B, num_filters, windows)
+            # Keep windows wholly inside the text; a text shorter than the filter keeps only its
+            # first window (the text and zeros). So more padding never adds a window.
+            keep = (lengths - width + 1).clamp(min=1).unsqueeze(1)
+            windows = torch.arange(scores.shape[-1], device=scores.device).unsqueeze(0)
+            valid = (windows < keep).unsqueeze(1)  # (B, 1, windows)
+            pooled.append(scores.masked_fill(~valid, float("-inf")).amax(-1))
+        features = torch.cat(pooled, dim=1)
+        return StudentOutput(self.classifier(self.dropout(features)), features, None)

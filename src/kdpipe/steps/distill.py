@@ -1,0 +1,382 @@
+"""distill: train the configured student on the selected transfer set with the configured
+losses, and keep the best one.
+
+Reads ``prepared_dir`` (ingest), ``soft_labels_dir`` (teacher logits and [CLS] features, plus
+the augmented transfer set when made), ``fractions_dir`` (rows and weights per epoch) and
+``teacher_dir`` (its tokenizer; its weights for initialisation and, for hidden-state
+matching, run alongside). Writes ``out_dir`` atomically: the student (``model.safetensors`` +
+``student.json``, see ``kdpipe.models.students``), the teacher's tokenizer, and
+``distill.json`` (loss terms per logging interval, evaluations, the chosen model).
+
+The loss is a weighted sum of terms chosen in params.yaml (``kdpipe.losses.LossTerms``);
+each term is one entry of ``TERMS`` below, so adding a loss touches one function here and
+one in ``kdpipe.losses``. With ``distill.ema.weight > 0`` an exponential moving average of
+the student gives extra soft targets; it is evaluated too, and whichever of the two scores
+best on validation is saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdpipe import losses
+from kdpipe.atomic import atomic_dir, write_json
+from kdpipe.batching import bucketed_batches
+from kdpipe.config import Config
+from kdpipe.errors import KdpipeError
+from kdpipe.metrics import accuracy_and_f1
+from kdpipe.models.students import StudentOutput, build_student, count_parameters, save_student
+from kdpipe.models.teacher import load_tokenizer, quiet_transformers
+from kdpipe.progress import progress_bar
+from kdpipe.steps import StepResult, fractionate, soft_labels
+from kdpipe.steps.ingest import read_labels, read_split
+from kdpipe.threads import torch_threads
+
+LogMetric = Callable[[str, float, int], None]
+LOG_EVERY = 50  # optimizer steps per point on the loss curves
+
+
+@dataclass
+class TransferData:
+    """Token ids of every transfer row (train, then augmented) with its targets."""
+
+    ids: list[list[int]]
+    lengths: np.ndarray
+    labels: np.ndarray  # gold label, or -1 for augmented rows
+    teacher_logits: np.ndarray  # (n, C) float32
+    teacher_features: np.ndarray | None  # (n, H) float32
+    val_ids: list[list[int]]
+    val_labels: np.ndarray
+    label_names: list[str]
+    pad_id: int
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    teacher_logits: Tensor
+    teacher_features: Tensor | None
+    weights: Tensor
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    data: TransferData
+    student: nn.Module
+    heads: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: nn.Module | None = None
+    teacher: nn.Module | None = None
+    layer_pairs: list[tuple[int, int]] = field(default_factory=list)
+    bank: losses.MemoryBank | None = None
+    step: int = 0
+    pending: list[dict[str, float]] = field(default_factory=list)  # losses not yet averaged
+    history: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: {"loss": [], "evaluations": []})
+
+
+def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: Path,
+        teacher_dir: Path, out_dir: Path, log_metric: LogMetric | None = None) -> StepResult:
+    """Distil ``cfg.student`` from the cached teacher outputs into ``out_dir``.
+
+    Metrics: ``val_accuracy``/``val_macro_f1`` of the saved model, ``epochs_run``,
+    ``train_seconds``, ``params`` (student parameters), ``from_ema`` (1 if the EMA copy won).
+    """
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(str(teacher_dir))
+    data = load_transfer(cfg, Path(prepared_dir), Path(soft_labels_dir), tokenizer)
+    with torch_threads(cfg.distill.num_threads):
+        torch.manual_seed(cfg.seed)
+        t = make_trainer(cfg, data, Path(teacher_dir), tokenizer,
+                         steps=planned_steps(cfg, data, Path(fractions_dir)))
+        best = train(t, Path(fractions_dir), log_metric)
+    seconds = time.perf_counter() - start
+    with atomic_dir(out_dir) as tmp:
+        save_student(best["model"], tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "distill.json", {
+            "best": {k: v for k, v in best.items() if k != "model"},
+            "params": count_parameters(best["model"]),
+            "seconds": round(seconds, 1), **t.history})
+    metrics = {"val_accuracy": best["accuracy"], "val_macro_f1": best["macro_f1"],
+               "epochs_run": float(len({e["epoch"] for e in t.history["evaluations"]})),
+               "train_seconds": seconds,
+               "params": float(count_parameters(best["model"])),
+               "from_ema": float(best["which"] == "ema")}
+    summary = (f"{cfg.student.arch}: val acc {best['accuracy']:.3f}, F1 {best['macro_f1']:.3f}, "
+               f"epoch {best['epoch'] + 1}{' (EMA)' if best['which'] == 'ema' else ''}, "
+               f"{metrics['params']:,.0f} params, {seconds:.0f} s")
+    return StepResult("distill", Path(out_dir), metrics, [Path(out_dir) / "distill.json"],
+                      summary)
+
+
+def load_transfer(cfg: Config, prepared_dir: Path, soft_labels_dir: Path,
+                  tokenizer: Any) -> TransferData:
+    """Texts (train + augmented), gold labels (-1 for augmented), teacher outputs, tokenized."""
+    arrays = soft_labels.load(soft_labels_dir)
+    train = read_split(prepared_dir / "train.parquet")
+    texts, labels = list(train.texts), list(train.labels)
+    logits, feats = [arrays["train_logits"]], [arrays.get("train_features")]
+    if "augment_logits" in arrays and cfg.fractionate.include_augmented:
+        augmented = soft_labels.load_augment_texts(soft_labels_dir)
+        texts += augmented
+        labels += [-1] * len(augmented)
+        logits.append(arrays["augment_logits"])
+        feats.append(arrays.get("augment_features"))
+    if len(arrays["train_logits"]) != len(train.texts):
+        raise KdpipeError(f"{soft_labels_dir}: soft labels do not match {prepared_dir}; "
+                          "run `kdpipe soft-labels` again")
+    validation = read_split(prepared_dir / "validation.parquet")
+    max_length = cfg.ingest.max_length
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    val_ids = tokenizer(validation.texts, truncation=True, max_length=max_length)["input_ids"]
+    features = None if any(f is None for f in feats) else np.concatenate(feats)
+    return TransferData(ids, np.array([len(x) for x in ids]), np.array(labels, np.int64),
+                        np.concatenate(logits).astype(np.float32), features, val_ids,
+                        np.array(validation.labels, np.int64), read_labels(prepared_dir),
+                        tokenizer.pad_token_id)
+
+
+def planned_steps(cfg: Config, data: TransferData, fractions_dir: Path) -> int:
+    size = cfg.distill.batch_size
+    return sum(-(-len(fractionate.load(fractions_dir, e)[0]) // size)
+               for e in range(cfg.distill.epochs))
+
+
+def make_trainer(cfg: Config, data: TransferData, teacher_dir: Path, tokenizer: Any,
+                 steps: int) -> Trainer:
+    """The student, its projection heads, optimizer and schedule, and what the active loss
+    terms need (EMA copy, teacher for hidden states, memory bank)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    d = cfg.distill
+    student = build_student(cfg.student, len(data.label_names), teacher_dir, data.pad_id,
+                            len(tokenizer))
+    active = set(losses.LossTerms.for_epoch(d, d.epochs - 1).weights)
+    needs_features = active & {"feature", "crd"}
+    if needs_features and data.teacher_features is None:
+        raise KdpipeError(f"distill: {'/'.join(sorted(needs_features))} loss needs the "
+                          "teacher's features; set soft_labels.features=true")
+    heads = make_heads(cfg, student, data, active)
+    params = list(student.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(d.warmup_ratio * steps),
+                                                max(steps, 1))
+    t = Trainer(cfg, data, student, heads, optimizer, scheduler)
+    if "ema" in active:
+        t.ema = losses.make_ema(student)
+    if "crd" in active and d.crd.negatives == "memory_bank":
+        t.bank = losses.MemoryBank(d.crd.bank_size)
+    if "hidden" in active:
+        t.teacher, t.layer_pairs = hidden_teacher(cfg, student, teacher_dir)
+    return t
+
+
+def make_heads(cfg: Config, student: nn.Module, data: TransferData,
+               active: set[str]) -> nn.ModuleDict:
+    """Learned projections the feature and CRD losses compare through."""
+    heads = nn.ModuleDict()
+    width = student.feature_dim
+    teacher_width = data.teacher_features.shape[1] if data.teacher_features is not None else 0
+    if "feature" in active:
+        heads["feature"] = nn.Linear(width, teacher_width)
+    if "crd" in active:
+        heads["crd_student"] = nn.Linear(width, cfg.distill.crd.projection_dim)
+        heads["crd_teacher"] = nn.Linear(teacher_width, cfg.distill.crd.projection_dim)
+    return heads
+
+
+def hidden_teacher(cfg: Config, student: nn.Module,
+                   teacher_dir: Path) -> tuple[nn.Module, list[tuple[int, int]]]:
+    """The teacher, frozen, for layer-to-layer matching, and the (student, teacher) pairs."""
+    from transformers import AutoModel
+
+    record = getattr(student, "student_record", {})
+    if "teacher_layers" not in record:
+        raise KdpipeError("distill.hidden.weight > 0 needs student.arch=transformer "
+                          "(only it has layers to match)")
+    pairs = cfg.distill.hidden.layer_pairs or [
+        (i + 1, layer + 1) for i, layer in enumerate(record["teacher_layers"])]
+    with quiet_transformers():
+        teacher = AutoModel.from_pretrained(teacher_dir).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, [tuple(p) for p in pairs]
+
+
+def train(t: Trainer, fractions_dir: Path, log_metric: LogMetric | None) -> dict[str, Any]:
+    """Epochs with early stopping; returns the best model and its scores."""
+    d = t.cfg.distill
+    best: dict[str, Any] = {"accuracy": -1.0}
+    stale = 0
+    with progress_bar() as bar:
+        task = bar.add_task("distill", total=None)
+        for epoch in range(d.epochs):
+            indices, weights = fractionate.load(fractions_dir, epoch)
+            terms = losses.LossTerms.for_epoch(d, epoch)
+            batches = epoch_batches(t, indices, weights, epoch)
+            bar.update(task, description=f"distill epoch {epoch + 1}/{d.epochs}",
+                       total=len(batches), completed=0)
+            for batch in batches:
+                t.pending.append(train_step(t, terms, batch))
+                if len(t.pending) == LOG_EVERY:
+                    flush_loss(t, log_metric)
+                bar.advance(task)
+            flush_loss(t, log_metric)
+            scores = evaluate_epoch(t, epoch, log_metric)
+            top = max(scores, key=lambda s: s["accuracy"])
+            if top["accuracy"] > best["accuracy"]:
+                best, stale = top, 0
+            else:
+                stale += 1
+                if d.early_stopping_patience and stale >= d.early_stopping_patience:
+                    break
+    return best
+
+
+def epoch_batches(t: Trainer, indices: np.ndarray, weights: np.ndarray,
+                  epoch: int) -> list[Batch]:
+    rng = np.random.default_rng([t.cfg.seed, epoch])
+    groups = bucketed_batches(t.data.lengths[indices], t.cfg.distill.batch_size, rng)
+    return [make_batch(t.data, indices[g], weights[g]) for g in groups]
+
+
+def make_batch(data: TransferData, rows: np.ndarray, weights: np.ndarray) -> Batch:
+    input_ids, mask = pad([data.ids[i] for i in rows], data.pad_id)
+    features = (torch.from_numpy(np.asarray(data.teacher_features[rows]))
+                if data.teacher_features is not None else None)
+    return Batch(input_ids, mask, torch.from_numpy(data.labels[rows]),
+                 torch.from_numpy(np.asarray(data.teacher_logits[rows])), features,
+                 torch.from_numpy(np.asarray(weights, dtype=np.float32)))
+
+
+def pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token id lists to the longest: (input_ids, attention_mask), both (B, L)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def train_step(t: Trainer, terms: losses.LossTerms, batch: Batch) -> dict[str, float]:
+    t.student.train()
+    out = t.student(batch.input_ids, batch.attention_mask)
+    values = {name: TERMS[name](t, terms, batch, out) for name in terms.weights}
+    total, logged = terms.combine(values)
+    t.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if t.cfg.distill.max_grad_norm:
+        nn.utils.clip_grad_norm_(
+            list(t.student.parameters()) + list(t.heads.parameters()),
+            t.cfg.distill.max_grad_norm)
+    t.optimizer.step()
+    t.scheduler.step()
+    if t.ema is not None:
+        losses.ema_update(t.ema, t.student, t.cfg.distill.ema.momentum)
+    t.step += 1
+    return logged
+
+
+# One function per loss term, looked up by the names LossTerms returns.
+def _kd(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
+    return losses.kd_loss(out.logits, b.teacher_logits, b.labels, terms.temperature,
+                          terms.alpha, b.weights)
+
+
+def _hard_ce(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
+    return losses.hard_ce(out.logits, b.labels, b.weights)
+
+
+def _logit_mse(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
+    return losses.logit_mse(out.logits, b.teacher_logits, b.weights)
+
+
+def _feature(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
+    return losses.feature_alignment(t.heads["feature"](out.features), b.teacher_features,
+                                    terms.feature_kind, b.weights)
+
+
+def _crd(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
+    teacher = t.heads["crd_teacher"](b.teacher_features)
+    negatives = t.bank.get() if t.bank is not None else None
+    value = losses.crd_infonce(t.heads["crd_student"](out.features), teacher,
+                               t.cfg.distill.crd.temperature, negatives, b.weights)
+    if t.bank is not None:
+        t.bank.push(teacher)
+    return value
+
+
+def _hidden(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
+    with torch.inference_mode():
+        teacher = t.teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                            output_hidden_states=True).hidden_states
+    teacher = [h.clone() for h in teacher]  # inference tensors cannot enter autograd
+    return losses.hidden_mse(out.hidden_states, teacher, t.layer_pairs,
+                             mask=b.attention_mask)
+
+
+def _ema(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
+    with torch.no_grad():
+        targets = t.ema(b.input_ids, b.attention_mask).logits
+    return losses.kd_kl(out.logits, targets, terms.temperature, b.weights)
+
+
+TERMS: dict[str, Callable[[Trainer, losses.LossTerms, Batch, StudentOutput], Tensor]] = {
+    "kd": _kd, "hard_ce": _hard_ce, "logit_mse": _logit_mse, "feature": _feature,
+    "crd": _crd, "hidden": _hidden, "ema": _ema,
+}
+
+
+def flush_loss(t: Trainer, log_metric: LogMetric | None) -> None:
+    """Average each term over the pending steps into the history (and MLflow)."""
+    if not t.pending:
+        return
+    means = {k: float(np.mean([p[k] for p in t.pending])) for k in t.pending[0]}
+    t.pending.clear()
+    t.history["loss"].append({"step": t.step, **means})
+    if log_metric:
+        for name, value in means.items():
+            log_metric(f"loss/{name}", value, t.step)
+
+
+def evaluate_epoch(t: Trainer, epoch: int, log_metric: LogMetric | None) -> list[dict[str, Any]]:
+    """Validation scores of the student (and its EMA copy), each with a frozen copy."""
+    models = {"student": t.student, **({"ema": t.ema} if t.ema is not None else {})}
+    scores = []
+    for which, model in models.items():
+        accuracy, macro_f1 = accuracy_and_f1(t.data.val_labels, predict(model, t.data))
+        entry = {"epoch": epoch, "which": which, "accuracy": accuracy, "macro_f1": macro_f1}
+        t.history["evaluations"].append(dict(entry))
+        if log_metric:
+            log_metric(f"eval/{which}_accuracy", accuracy, t.step)
+        scores.append({**entry, "model": copy.deepcopy(model).eval()})
+    return scores
+
+
+def predict(model: nn.Module, data: TransferData, batch_size: int = 256) -> np.ndarray:
+    """Argmax labels for the validation rows."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(data.val_ids), batch_size):
+            ids, mask = pad(data.val_ids[i: i + batch_size], data.pad_id)
+            out.append(model(ids, mask).logits.argmax(dim=1).numpy())
+    model.train(was_training)
+    return np.concatenate(out)

@@ -1,0 +1,133 @@
+"""The distill step on a tiny fixture: it learns, every loss term runs, the saved student
+reloads, and impossible loss settings are refused with a clear message."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import separable_rows, write_csv
+from kdpipe.config import validate
+from kdpipe.errors import KdpipeError
+from kdpipe.models.students import build_student, load_student
+from kdpipe.steps import distill, fractionate, ingest, soft_labels, teacher
+
+SMALL_STUDENT = {"embedding_dim": 16, "textcnn": {"num_filters": 8},
+                 "bilstm": {"hidden_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory, tiny_bert):
+    """Prepared data, a trained tiny teacher, soft labels (with augmentation)."""
+    root = tmp_path_factory.mktemp("distill")
+    source = write_csv(root / "d.csv", separable_rows(240))
+    raw = {"work_dir": str(root / "work"), "tracking": {"enabled": False},
+           "data": {"source": str(source)}, "soft_labels": {"cache_dir": str(root / "cache"),
+           "augment": {"enabled": True, "variants": 1}},
+           "teacher": {"checkpoint": str(tiny_bert), "epochs": 8, "lr": 3e-3,
+                       "early_stopping_patience": None}}
+    cfg = validate(raw, "test")
+    p = cfg.paths
+    torch.set_num_threads(1)
+    ingest.run(cfg, p.prepared)
+    taught = teacher.run(cfg, p.prepared, p.teacher, p.teacher_checkpoints,
+                         progress=lambda *a: None)
+    assert taught.metrics["val_accuracy"] > 0.85
+    soft_labels.run(cfg, p.teacher, p.prepared, p.soft_labels)
+    return raw
+
+
+def _config(raw, tmp_path, **distill_settings):
+    raw = json.loads(json.dumps(raw))
+    raw["student"] = {**SMALL_STUDENT, **distill_settings.pop("student", {})}
+    raw["fractionate"] = distill_settings.pop("fractionate", {})
+    raw["distill"] = {"epochs": 4, "lr": 1e-2, "batch_size": 32, **distill_settings}
+    cfg = validate(raw, "test")
+    fractions = tmp_path / "fractions"
+    fractionate.run(cfg, cfg.paths.soft_labels, cfg.paths.prepared, fractions)
+    return cfg, fractions
+
+
+def _distill(cfg, fractions, out, log=None):
+    p = cfg.paths
+    return distill.run(cfg, p.prepared, p.soft_labels, fractions, p.teacher, out, log_metric=log)
+
+
+def _accuracy(model, cfg):
+    tokenizer_out = ingest.read_split(cfg.paths.prepared / "validation.parquet")
+    from kdpipe.models.teacher import load_tokenizer
+
+    tok = load_tokenizer(str(cfg.paths.teacher))
+    enc = tok(tokenizer_out.texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        predicted = model(enc["input_ids"], enc["attention_mask"]).logits.argmax(1).numpy()
+    return float((predicted == np.array(tokenizer_out.labels)).mean())
+
+
+def test_distillation_improves_on_the_initial_student_and_reloads(pipeline_dir, tmp_path):
+    cfg, fractions = _config(pipeline_dir, tmp_path)
+    torch.manual_seed(cfg.seed)
+    from kdpipe.models.teacher import load_tokenizer
+
+    tok = load_tokenizer(str(cfg.paths.teacher))
+    initial = build_student(cfg.student, 2, cfg.paths.teacher, tok.pad_token_id, len(tok)).eval()
+    logged = []
+    result = _distill(cfg, fractions, tmp_path / "student",
+                      log=lambda name, value, step: logged.append(name))
+    assert result.metrics["val_accuracy"] >= _accuracy(initial, cfg) + 0.2
+    assert result.metrics["val_accuracy"] > 0.85
+    student = load_student(tmp_path / "student")
+    assert _accuracy(student, cfg) == pytest.approx(result.metrics["val_accuracy"])
+    assert {"loss/kd", "loss/total", "eval/student_accuracy"} <= set(logged)
+    report = json.loads((tmp_path / "student" / "distill.json").read_text())
+    assert report["best"]["accuracy"] == result.metrics["val_accuracy"]
+    assert (tmp_path / "student" / "tokenizer.json").exists()
+    assert not list((tmp_path / "student").glob("*.bin"))
+
+
+@pytest.mark.parametrize("settings,terms", [
+    ({"alpha": 0.0}, {"kd"}),
+    ({"logit_mse": 1.0}, {"kd", "logit_mse"}),
+    ({"feature": {"weight": 0.5, "kind": "cosine"}}, {"kd", "feature"}),
+    ({"crd": {"weight": 0.2}}, {"kd", "crd"}),
+    ({"crd": {"weight": 0.2, "negatives": "memory_bank", "bank_size": 64}}, {"kd", "crd"}),
+    ({"ema": {"weight": 0.5, "momentum": 0.9}}, {"kd", "ema"}),
+    ({"hard_label_epochs": 1, "temperature_end": 1.0}, {"hard_ce", "kd"}),
+    ({"student": {"arch": "bilstm"}, "fractionate": {"strategy": "dynamic"}}, {"kd"}),
+    ({"student": {"arch": "transformer"}, "hidden": {"weight": 1.0}}, {"kd", "hidden"}),
+])
+def test_every_loss_term_and_student_trains(pipeline_dir, tmp_path, settings, terms):
+    cfg, fractions = _config(pipeline_dir, tmp_path, epochs=2, **settings)
+    result = _distill(cfg, fractions, tmp_path / "s")
+    report = json.loads((tmp_path / "s" / "distill.json").read_text())
+    seen = set().union(*(set(p) - {"step", "total"} for p in report["loss"]))
+    assert seen == terms
+    assert all(np.isfinite(p["total"]) for p in report["loss"])
+    assert result.metrics["val_accuracy"] > 0.4
+    if "ema" in terms:
+        assert {e["which"] for e in report["evaluations"]} == {"student", "ema"}
+
+
+def test_feature_losses_need_cached_teacher_features(pipeline_dir, tmp_path):
+    raw = json.loads(json.dumps(pipeline_dir))
+    raw["soft_labels"]["features"] = False
+    raw["work_dir"] = str(tmp_path / "w")
+    cfg = validate(raw, "test")
+    ingest.run(cfg, cfg.paths.prepared)
+    import shutil
+
+    shutil.copytree(validate(pipeline_dir, "t").paths.teacher, cfg.paths.teacher)
+    soft_labels.run(cfg, cfg.paths.teacher, cfg.paths.prepared, cfg.paths.soft_labels)
+    raw["distill"] = {"feature": {"weight": 1.0}}
+    cfg = validate(raw, "test")
+    fractionate.run(cfg, cfg.paths.soft_labels, cfg.paths.prepared, tmp_path / "f")
+    with pytest.raises(KdpipeError, match="feature loss needs the teacher's features"):
+        _distill(cfg, tmp_path / "f", tmp_path / "s")
+
+
+def test_hidden_matching_needs_the_transformer_student(pipeline_dir, tmp_path):
+    cfg, fractions = _config(pipeline_dir, tmp_path, hidden={"weight": 1.0})
+    with pytest.raises(KdpipeError, match="needs student.arch=transformer"):
+        _distill(cfg, fractions, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
