@@ -248,6 +248,41 @@ class DistillConfig(Section):
     num_threads: int | None = Field(None, ge=1)
 
 
+class PruneConfig(Section):
+    unstructured_sparsity: float = Field(
+        0.0, ge=0, lt=1, description="Global magnitude pruning: share of weights zeroed."
+    )
+    structured_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of TextCNN filters / BiLSTM hidden units / "
+        "transformer heads and FFN neurons removed (lowest L1 norm first)."
+    )
+    vocabulary: bool = Field(
+        True, description="Keep only token ids seen in the training data (+ special tokens)."
+    )
+    finetune_epochs: int = Field(0, ge=0, description="Short KD fine-tune after pruning.")
+    finetune_lr: float = Field(1e-3, gt=0)
+
+
+class ExportConfig(Section):
+    opset: int = Field(17, ge=17, le=23)
+    optimize: Literal["none", "basic", "extended", "all"] = Field(
+        "extended", description="ONNX Runtime graph optimisation level saved into the file."
+    )
+    parity_tolerance: float = Field(1e-4, gt=0, description="Max |logit difference| allowed.")
+    tensorrt: bool = Field(True, description="Build a TensorRT engine where TensorRT exists.")
+    tensorrt_precision: Literal["fp32", "fp16", "int8"] = "fp16"
+
+
+class QuantizeConfig(Section):
+    method: Literal["ort_dynamic", "ort_static", "torch_dynamic", "fp16", "none"] = "ort_dynamic"
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_batches: int = Field(16, ge=1, description="Batches of train texts (static).")
+    exclude_nodes: list[str] = Field([], description="ONNX node names left in float.")
+    max_accuracy_drop: float = Field(
+        0.005, ge=0, description="Keep fp32 if int8 loses more validation accuracy than this."
+    )
+
+
 class Config(Section):
     seed: int = 42
     work_dir: Path = Path("work")
@@ -259,6 +294,9 @@ class Config(Section):
     fractionate: FractionateConfig = FractionateConfig()
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
+    export: ExportConfig = ExportConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
 
     @model_validator(mode="after")
     def _splits_differ(self) -> Config:
@@ -307,6 +345,18 @@ class Layout:
     @property
     def student(self) -> Path:
         return self.root / "student"
+
+    @property
+    def pruned(self) -> Path:
+        return self.root / "pruned"
+
+    @property
+    def exported(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def quantized(self) -> Path:
+        return self.root / "quantized"
 
     @property
     def metrics(self) -> Path:
