@@ -69,19 +69,30 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--transformer-epochs", type=int, default=2)
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in bench/results/ablation_<data>.json")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     name = Path(args.data).name
+    result_name = name + args.tag
     base = [f"data.source={args.data}", f"work_dir={args.work}/{name}",
             f"soft_labels.cache_dir={args.work}/cache", "tracking.enabled=false",
             *args.overrides]
     teacher = json.loads((Path(args.work) / name / "teacher" / "training.json").read_text())
     teacher_acc = max(e["accuracy"] for e in teacher["evaluations"])
-    rows = []
+    # Snapshot params.yaml: a long run must not pick up edits made while it runs.
+    params = Path(args.work) / "params.snapshot.yaml"
+    params.write_text(Path("params.yaml").read_text() if Path("params.yaml").exists() else "")
+    rows = previous_rows(result_name) if args.resume else []
 
     def record(student: str, variant: str, strategy: str, settings: list[str]) -> dict:
+        done = [r for r in rows if (r["student"], r["variant"], r["strategy"]) ==
+                (student, variant, strategy)]
+        if done:
+            return done[0]
         epochs = args.transformer_epochs if student == "transformer" else args.epochs
-        cfg = load_config(None, [*base, f"student.arch={student}", f"distill.epochs={epochs}",
+        cfg = load_config(params, [*base, f"student.arch={student}", f"distill.epochs={epochs}",
                                  *STUDENT_SETTINGS[student], *VARIANTS[variant](epochs),
                                  *settings])
         row = {"student": student, "variant": variant, "strategy": strategy,
@@ -90,7 +101,7 @@ def main() -> None:
         rows.append(row)
         print(f"{student:12s} {variant:11s} {strategy:18s} acc {row['val_accuracy']:.4f} "
               f"({row['pct_of_teacher']:.1f}% of teacher) {row['seconds']:.0f} s", flush=True)
-        save(args, name, teacher_acc, rows)
+        save(args, result_name, teacher_acc, rows)
         return row
 
     for student in args.students.split(","):
@@ -101,6 +112,11 @@ def main() -> None:
         if strategy != "all":
             record(best["student"], best["variant"], strategy, STRATEGIES[strategy])
     print_table(rows, teacher_acc)
+
+
+def previous_rows(name: str) -> list[dict]:
+    path = RESULTS / f"ablation_{name}.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
 def save(args: argparse.Namespace, name: str, teacher_acc: float, rows: list[dict]) -> None:

@@ -81,6 +81,25 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_bert: Path):
+    from kdpipe.models.teacher import load_tokenizer
+
+    return load_tokenizer(str(tiny_bert))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: much faster for models this small (no thread
+    hand-offs per LSTM step), and the previous count is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_config(tmp_path: Path, tiny_bert: Path):
     """Build a Config with work_dir/cache in tmp_path, the tiny teacher, tracking off;

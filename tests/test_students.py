@@ -36,18 +36,12 @@ SMALL = {  # widest filter 4 > the 3 tokens of "[CLS] good [SEP]": the short-tex
 TEXTS = ["good", "the movie was really awful", "it is fine but the food was dull so sad"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: much faster for models this small (no thread hand-offs per LSTM step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_bert: Path):
-    return load_tokenizer(str(tiny_bert))
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def small_config(arch: str, **overrides: object) -> StudentConfig:

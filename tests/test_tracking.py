@@ -49,6 +49,15 @@ def test_pipeline_run_has_a_nested_run_per_step_with_params_and_data_card(tracke
     assert ingest_run.data.metrics["seconds"] > 0
     card_path = client.download_artifacts(ingest_run.info.run_id, "data_card.json")
     assert json.load(open(card_path))["rows"]["validation"] == 20
+    distill_run = next(c for c in children if c.info.run_name == "distill")
+    assert "loss/total" in distill_run.data.metrics  # per-step curves through log_metric
+
+    predicted = CliRunner().invoke(app, ["predict", "--model", "work/export", "good film", "bad"])
+    assert predicted.exit_code == 0, predicted.output
+    lines = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert [line["text"] for line in lines] == ["good film", "bad"]
+    assert all(abs(sum(line["probabilities"].values()) - 1) < 1e-5 for line in lines)
+    assert {line["label"] for line in lines} <= {"neg", "pos"}
 
 
 def test_a_single_step_gets_its_own_run_and_env_uri_wins(tracked, tmp_path, monkeypatch):

@@ -139,6 +139,21 @@ def run(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 @friendly_errors
+def predict(
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    model: Annotated[Path, typer.Option(help="An exported model folder.")] = Path("work/export"),
+) -> None:
+    """Classify texts with an exported model; prints one JSON object per text."""
+    import json
+
+    from kdpipe.serve import Predictor
+
+    for text, prediction in zip(texts, Predictor(model).predict(texts), strict=True):
+        typer.echo(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))
+
+
+@app.command()
+@friendly_errors
 def params(
     params: ParamsOpt = None,
     set_: SetOpt = None,

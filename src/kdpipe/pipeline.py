@@ -64,6 +64,20 @@ def _distill(cfg: Config, log_metric: LogMetric | None) -> StepResult:
                        paths.student, log_metric=log_metric)
 
 
+def _prune(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import prune
+
+    paths = cfg.paths
+    return prune.run(cfg, paths.student, paths.prepared, paths.soft_labels, paths.pruned)
+
+
+def _export(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import export
+
+    paths = cfg.paths
+    return export.run(cfg, paths.pruned, paths.prepared, paths.exported)
+
+
 STEPS: tuple[Step, ...] = (
     Step("ingest", "Read, check and split the data; write Parquet splits and a data card.",
          _ingest),
@@ -75,6 +89,10 @@ STEPS: tuple[Step, ...] = (
          _fractionate),
     Step("distill", "Train the student from the teacher's soft labels; keep the best.",
          _distill),
+    Step("prune", "Shrink the student: vocabulary, channels/heads, magnitude; report.",
+         _prune),
+    Step("export", "Export the pruned student to ONNX with its tokenizer; check parity.",
+         _export),
 )
 
 

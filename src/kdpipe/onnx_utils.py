@@ -1,0 +1,396 @@
+"""Between PyTorch, ONNX and the runtimes that execute ONNX files (ONNX Runtime, TensorRT).
+
+- ``exportable(model)``: a copy of a student that returns logits only and that the
+  TorchScript-based ONNX exporter can trace (the BiLSTM's ``pack_padded_sequence`` is swapped
+  for an equivalent masked computation; see ``MaskedLSTM``).
+- ``ort_session`` / ``save_optimized``: ONNX Runtime sessions with telemetry off, and the
+  graph optimisation saved into a file.
+- ``build_tensorrt_engine``: imports TensorRT itself, so call it only once
+  ``tensorrt_unavailable()`` returned None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdpipe.errors import KdpipeError
+
+# The TorchScript exporter's newest opset (torch 2.13); newer ones are reached by converting
+# its graph with onnx.version_converter (it would otherwise stamp a newer number on opset-20
+# operators, with a warning).
+TORCHSCRIPT_MAX_OPSET = 20
+
+# params.yaml export.optimize -> onnxruntime.GraphOptimizationLevel member
+ORT_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+# --- PyTorch -> ONNX ----------------------------------------------------------------------
+
+class LogitsOnly(nn.Module):
+    """``forward(input_ids, attention_mask) -> logits (B, C)`` of a student (or anything that
+    returns an object with ``.logits`` or a tuple whose first item is the logits)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.model(input_ids, attention_mask)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+class _Padded(NamedTuple):
+    """What the patched ``pack_padded_sequence`` hands to ``MaskedLSTM`` instead of a
+    PackedSequence: the right-padded batch and each row's length."""
+
+    data: Tensor  # (B, L, E), batch first
+    lengths: Tensor  # (B,) int64, each >= 1
+
+
+def _pack_as_padded(input: Tensor, lengths: Tensor | Sequence[int], batch_first: bool = False,
+                    enforce_sorted: bool = True) -> _Padded:
+    data = input if batch_first else input.transpose(0, 1)
+    return _Padded(data, torch.as_tensor(lengths, dtype=torch.long, device=data.device))
+
+
+class MaskedLSTM(nn.Module):
+    """An ``nn.LSTM`` (batch_first, any layers, one or two directions) run over right-padded
+    rows, returning the final hidden states the same LSTM returns on the packed rows.
+
+    Takes a ``_Padded`` and returns ``(None, (h_n, None))``, h_n (layers * directions, B, H)
+    in the LSTM's own order. The per-step output and c_n are None, not invented: a caller
+    that reads them fails loudly instead of exporting something wrong.
+
+    The forward direction runs over the whole padded row; its state after the row's last
+    real token is the packed one, since padding only comes after it. The backward direction
+    runs over each row with its real tokens reversed in place (padding stays behind them),
+    so it also starts at the last real token and ends on the first. Each direction is a
+    plain one-directional LSTM, which the ONNX exporter turns into an ONNX LSTM node with
+    dynamic batch and length.
+    """
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        super().__init__()
+        if not lstm.batch_first or lstm.proj_size:
+            raise KdpipeError("MaskedLSTM: expects a batch_first LSTM without projections")
+        self.directions = 2 if lstm.bidirectional else 1
+        self.cells = nn.ModuleList()  # layer-major: (l0 forward, l0 backward, l1 forward, ...)
+        for layer in range(lstm.num_layers):
+            for suffix in ("", "_reverse")[: self.directions]:
+                width = lstm.input_size if layer == 0 else lstm.hidden_size * self.directions
+                cell = nn.LSTM(width, lstm.hidden_size, batch_first=True, bias=lstm.bias)
+                cell.load_state_dict({f"{name}_l0": getattr(lstm, f"{name}_l{layer}{suffix}")
+                                      for name in _lstm_weight_names(lstm.bias)})
+                self.cells.append(cell)
+
+    def forward(self, padded: _Padded) -> tuple[None, tuple[Tensor, None]]:
+        if not isinstance(padded, _Padded):
+            raise TypeError("MaskedLSTM needs the patched pack_padded_sequence "
+                            f"(got {type(padded).__name__})")
+        x, lengths = padded
+        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # (1, L)
+        ends = lengths.unsqueeze(1)  # (B, 1)
+        # Reverses the first `length` steps of each row and keeps padding where it is; it is
+        # its own inverse, so the same index also puts backward outputs back in order.
+        reverse = torch.where(positions < ends, ends - 1 - positions, positions)
+        last = (ends - 1).unsqueeze(2)  # (B, 1, 1): index of each row's last real step
+        finals = []
+        for layer in range(len(self.cells) // self.directions):
+            outputs = []
+            for direction in range(self.directions):
+                cell = self.cells[layer * self.directions + direction]
+                seq = x if direction == 0 else _take_steps(x, reverse)
+                out, _ = cell(seq, _zero_state(x, cell.hidden_size))
+                finals.append(_take_steps(out, last).squeeze(1))
+                outputs.append(out if direction == 0 else _take_steps(out, reverse))
+            x = torch.cat(outputs, dim=2)
+        return None, (torch.stack(finals), None)
+
+
+def _lstm_weight_names(bias: bool) -> list[str]:
+    return ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else [])
+
+
+def _take_steps(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, L, D) at time steps index (B, K) -> (B, K, D)."""
+    if index.dim() == 3:
+        index = index.squeeze(2)
+    return torch.gather(x, 1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
+
+
+def _zero_state(x: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
+    # Built from x's own batch dimension, so the traced graph keeps the batch dynamic (an
+    # LSTM left to make its own zeros bakes the example's batch size into the graph).
+    zeros = x[:, :1, :1].transpose(0, 1).mul(0).expand(1, -1, hidden).contiguous()
+    return zeros, zeros
+
+
+@contextlib.contextmanager
+def exportable(model: nn.Module) -> Iterator[nn.Module]:
+    """A logits-only copy of ``model`` (eval mode) that traces to ONNX; ``model`` is untouched.
+
+    The module's own ``forward`` runs, buffers included (e.g. a vocabulary remap); only the
+    BiLSTM's packing is replaced, for the duration, by ``MaskedLSTM`` on a copy: the
+    TorchScript exporter fails on ``pack_padded_sequence`` with unsorted lengths.
+    """
+    from kdpipe.models import bilstm
+
+    twin = copy.deepcopy(model).eval()
+    lstm_owners = [m for m in twin.modules() if isinstance(m, bilstm.BiLSTM)]
+    for owner in lstm_owners:
+        owner.lstm = MaskedLSTM(owner.lstm)
+    patch = (mock.patch.object(bilstm, "pack_padded_sequence", _pack_as_padded)
+             if lstm_owners else contextlib.nullcontext())
+    with patch:
+        yield LogitsOnly(twin).eval()
+
+
+def export_onnx(model: nn.Module, example: tuple[Tensor, Tensor], path: Path,
+                opset: int) -> None:
+    """Trace ``model`` (a student) with the TorchScript exporter into ``path``: inputs
+    ``input_ids``, ``attention_mask`` (int64, batch x sequence), output ``logits`` (batch x
+    labels), then check the file with ``onnx.checker``. Opsets above
+    ``TORCHSCRIPT_MAX_OPSET`` are traced at that one and converted.
+
+    ``example`` should hold a padded row: some models branch on "no padding at all" while
+    tracing, and a trace from an all-ones mask would drop the mask."""
+    import warnings
+
+    import onnx
+
+    with exportable(model) as module, warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # Warns about every LSTM; MaskedLSTM passes zero states sized from the input's batch.
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size")
+        # Generic cautions (BERT's mask indexing, unfolded slices); the parity check on real
+        # padded batches is what tells whether the graph is right.
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        torch.onnx.export(
+            module, example, str(path), dynamo=False,
+            opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+            input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                          "attention_mask": {0: "batch", 1: "sequence"},
+                          "logits": {0: "batch"}})
+    if opset > TORCHSCRIPT_MAX_OPSET:
+        from onnx import version_converter
+
+        onnx.save(version_converter.convert_version(onnx.load(str(path)), opset), str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise KdpipeError(f"{path}: exported ONNX graph is invalid: {exc}") from None
+
+
+# --- ONNX Runtime -------------------------------------------------------------------------
+
+def import_onnxruntime() -> Any:
+    """onnxruntime, with its telemetry switched off (it has no environment switch)."""
+    import onnxruntime
+
+    from kdpipe.telemetry import disable_onnxruntime_telemetry
+
+    disable_onnxruntime_telemetry()
+    return onnxruntime
+
+
+def ort_session(path: Path, threads: int | None = None, optimize: str = "all",
+                optimized_path: Path | None = None) -> Any:
+    """A CPU ``InferenceSession`` on ``path``; ``threads`` intra-op threads (None: ORT's
+    default, one per core). With ``optimized_path`` the graph, optimised at ``optimize``
+    (a key of ``ORT_LEVELS``), is also written there, as one self-contained file."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[optimize])
+    options.log_severity_level = 3  # errors only; ORT warns about every unused initializer
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise KdpipeError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from None
+
+
+def save_optimized(source: Path, target: Path, optimize: str) -> None:
+    """Write ``source`` optimised by ONNX Runtime at level ``optimize`` to ``target``, with
+    every weight inside the file (no external data)."""
+    import shutil
+
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    if optimize == "none":
+        shutil.copyfile(source, target)
+    else:
+        ort_session(source, threads=1, optimize=optimize, optimized_path=target)
+    graph = onnx.load(str(target), load_external_data=False).graph
+    if any(uses_external_data(t) for t in graph.initializer):
+        raise KdpipeError(f"{target}: ONNX Runtime wrote weights to an external file; "
+                          "this model is too large for a single-file export")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- TensorRT -----------------------------------------------------------------------------
+
+_SKIP_TENSORRT = "export.tensorrt=false"
+
+def tensorrt_unavailable() -> str | None:
+    """Why a TensorRT engine cannot be built here, or None when it can (TensorRT imports and
+    a CUDA GPU is present)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name == "tensorrt":
+            return "TensorRT not available"
+        return f"TensorRT not available ({type(exc).__name__}: {_first_line(exc)})"
+    except Exception as exc:  # installed without its CUDA libraries, or for another CUDA
+        return f"TensorRT not available ({type(exc).__name__}: {_first_line(exc)})"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+def build_tensorrt_engine(onnx_path: Path, plan_path: Path, precision: str,
+                          feeds: list[dict[str, np.ndarray]], max_length: int,
+                          max_batch: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Build a TensorRT engine from ``onnx_path`` (plain ONNX ops, not ORT-optimised) into
+    ``plan_path`` at ``precision`` (fp32 without TF32, fp16, or int8 calibrated on ``feeds``),
+    run ``feeds`` through it and time one batch.
+
+    Inputs are dynamic from (1, 1) to (``max_batch``, ``max_length``). Returns the logits of
+    every feed (n, C) and a record: precision, plan bytes, build seconds, timing.
+    """
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise KdpipeError(f"TensorRT cannot parse the exported ONNX graph: {errors}; "
+                          f"-S {_SKIP_TENSORRT} skips the engine")
+    config = builder.create_builder_config()
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    opt_batch = min(max_batch, max(len(next(iter(f.values()))) for f in feeds))
+    profile = builder.create_optimization_profile()
+    for name in names:
+        profile.set_shape(name, (1, 1), (opt_batch, max_length), (max_batch, max_length))
+    config.add_optimization_profile(profile)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 would cost fp32 its parity
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        dtypes = {network.get_input(i).name: trt.nptype(network.get_input(i).dtype)
+                  for i in range(network.num_inputs)}
+        calibration, calibrator = _int8_calibrator(builder, dtypes, feeds, max_length)
+        config.set_calibration_profile(calibration)
+        config.int8_calibrator = calibrator
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise KdpipeError(f"TensorRT could not build a {precision} engine (its log above "
+                          f"says why); -S {_SKIP_TENSORRT} skips the engine")
+    build_seconds = time.perf_counter() - start
+    plan_path.write_bytes(bytes(serialized))
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    context = engine.create_execution_context()
+    logits = np.concatenate([_run_engine(trt, engine, context, f) for f in feeds])
+    timed = feeds[0]
+    for _ in range(5):
+        _run_engine(trt, engine, context, timed)
+    times = []
+    for _ in range(50):
+        start = time.perf_counter()
+        _run_engine(trt, engine, context, timed)
+        times.append(time.perf_counter() - start)
+    shape = list(next(iter(timed.values())).shape)
+    return logits, {"precision": precision, "plan_bytes": plan_path.stat().st_size,
+                    "build_seconds": round(build_seconds, 2), "timed_batch_shape": shape,
+                    "latency_ms_p50": round(1000 * float(np.median(times)), 3),
+                    "tensorrt_version": trt.__version__}
+
+
+def _run_engine(trt: Any, engine: Any, context: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """One batch through the engine (copies in and out included, as a caller would see)."""
+    alive = []  # device inputs must outlive the run
+    for name, array in feed.items():
+        dtype = torch.from_numpy(np.zeros(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+        tensor = torch.from_numpy(array).to("cuda", dtype).contiguous()
+        alive.append(tensor)
+        context.set_input_shape(name, tuple(tensor.shape))
+        context.set_tensor_address(name, tensor.data_ptr())
+    out_dtype = torch.from_numpy(np.zeros(0, trt.nptype(engine.get_tensor_dtype("logits"))))
+    out = torch.empty(tuple(context.get_tensor_shape("logits")), dtype=out_dtype.dtype,
+                      device="cuda")
+    context.set_tensor_address("logits", out.data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise KdpipeError("TensorRT engine failed to run a batch")
+    stream.synchronize()
+    return out.float().cpu().numpy()
+
+
+def _int8_calibrator(builder: Any, dtypes: dict[str, Any], feeds: list[dict[str, np.ndarray]],
+                     max_length: int) -> tuple[Any, Any]:
+    """A calibration profile fixed at (batch, max_length) and an entropy calibrator that feeds
+    the validation batches padded to it (TensorRT calibrates at one shape). ``dtypes``: the
+    network's input name -> numpy type (TensorRT 8 narrows int64 inputs to int32)."""
+    import tensorrt as trt
+
+    batch = max(len(next(iter(f.values()))) for f in feeds)
+    profile = builder.create_optimization_profile()
+    for name in dtypes:
+        profile.set_shape(name, (batch, max_length), (batch, max_length), (batch, max_length))
+
+    def padded(name: str, array: np.ndarray) -> Tensor:
+        out = np.zeros((batch, max_length), dtypes[name])  # pad id 0, mask 0
+        out[: array.shape[0], : array.shape[1]] = array
+        return torch.from_numpy(out).to("cuda")
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches = iter(feeds)
+            self.current: list[Tensor] = []
+
+        def get_batch_size(self) -> int:
+            return batch
+
+        def get_batch(self, wanted: list[str]) -> list[int] | None:
+            feed = next(self.batches, None)
+            if feed is None:
+                return None
+            self.current = [padded(name, feed[name]) for name in wanted]  # kept alive
+            return [t.data_ptr() for t in self.current]
+
+        def read_calibration_cache(self) -> None:
+            return None
+
+        def write_calibration_cache(self, cache: Any) -> None:
+            return None
+
+    return profile, Calibrator()

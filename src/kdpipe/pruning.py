@@ -1,0 +1,491 @@
+"""Pruning a student so that it really gets smaller, and the pruned folder format.
+
+Three kinds, each a function that changes a ``PrunedStudent`` in place:
+
+- ``prune_vocabulary``: keep only the word-embedding rows of tokens that occur in the training
+  data (plus special tokens). The module still takes the ORIGINAL tokenizer ids: a buffer
+  ``vocab_remap`` (old id -> new id; an id not kept maps to [UNK]'s new id) is applied first.
+- ``prune_structure``: remove the lowest-L1 share of TextCNN filters (per width), BiLSTM hidden
+  units (per layer and direction) or transformer attention heads and FFN neurons (per layer),
+  building new, smaller modules from the kept rows and columns.
+- ``prune_magnitude``: global magnitude pruning of Linear / Conv1d / LSTM weights
+  (``torch.nn.utils.prune``), made permanent; the tensors keep their shapes, with zeros.
+
+Each architecture's part (where its embedding is, how it shrinks, what its sizes are) is one
+``ArchPruning`` entry of ``ARCHS``. A pruned folder (``save_pruned`` / ``write_pruned``,
+``load_pruned``) holds:
+
+- ``student/``: the inner student as ``save_student`` writes it (it reads NEW token ids, so it
+  sits in a subfolder: ``load_student`` on the pruned folder itself fails instead of silently
+  misreading the tokenizer's ids);
+- ``vocab_remap.safetensors``: int64 ``vocab_remap`` (original vocabulary size,), when the
+  vocabulary was pruned;
+- ``pruning.json``: format, arch, the vocabulary kept and the structured sizes (what
+  ``load_pruned`` needs to rebuild shapes the student record cannot express: the transformer's
+  per-layer head counts).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
+from torch.nn.utils import skip_init
+
+from kdpipe.atomic import atomic_dir
+from kdpipe.config import StudentConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.models.students import (RECORD_FILE, STUDENTS, WEIGHTS_FILE, StudentOutput,
+                                    load_student, save_student)
+
+PRUNING_FILE = "pruning.json"
+VOCAB_REMAP_FILE = "vocab_remap.safetensors"
+STUDENT_DIR = "student"
+PRUNING_FORMAT = 1
+
+
+class PrunedStudent(nn.Module):
+    """A student that reads the original tokenizer's ids, whatever was pruned inside.
+
+    ``forward(input_ids, attention_mask)``: both (B, L) with ids of the tokenizer the student
+    was distilled with; returns the inner student's ``StudentOutput``. ``vocab_remap``: int64
+    (original vocabulary size,) buffer, old id -> row of the shrunk embedding, or None when the
+    vocabulary was not pruned.
+    """
+
+    def __init__(self, student: nn.Module, vocab_remap: Tensor | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.register_buffer("vocab_remap", vocab_remap)
+
+    @property
+    def arch(self) -> str:
+        return self.student.student_record["arch"]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.student.feature_dim
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> StudentOutput:
+        if self.vocab_remap is not None:
+            input_ids = self.vocab_remap[input_ids]
+        return self.student(input_ids, attention_mask)
+
+
+# ---------------------------------------------------------------- vocabulary
+
+
+def kept_token_ids(token_ids: Iterable[Sequence[int]], always: Iterable[int]) -> list[int]:
+    """Sorted distinct ids that occur in ``token_ids`` (tokenized texts) or in ``always``
+    (the tokenizer's special ids and [UNK])."""
+    kept = set(always)
+    for ids in token_ids:
+        kept.update(ids)
+    return sorted(kept)
+
+
+def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int) -> None:
+    """Shrink the word embedding to the rows ``kept`` (original ids, in their order) and set
+    ``model.vocab_remap``; original ids not kept read [UNK]'s row (``unk_id``, which must be
+    kept, as must the padding id, which keeps its role under its new number)."""
+    if model.vocab_remap is not None:
+        raise ValueError("prune_vocabulary: the vocabulary is already pruned")
+    arch = ARCHS[model.arch]
+    old = arch.embedding(model.student)
+    rows = torch.tensor(sorted(set(kept)), dtype=torch.long)
+    if rows.numel() == 0 or rows[0] < 0 or rows[-1] >= old.num_embeddings:
+        raise ValueError(f"kept ids must lie in 0..{old.num_embeddings - 1}")
+    remap = torch.full((old.num_embeddings,), -1, dtype=torch.long)
+    remap[rows] = torch.arange(rows.numel())
+    for name, token in (("unknown", unk_id), ("padding", old.padding_idx)):
+        if token is not None and remap[token] < 0:
+            raise ValueError(f"the {name} token's id {token} must be among the kept ids")
+    remap[remap < 0] = remap[unk_id]
+    pad = None if old.padding_idx is None else int(remap[old.padding_idx])
+    new = skip_init(nn.Embedding, rows.numel(), old.embedding_dim, padding_idx=pad,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[rows])
+    arch.set_embedding(model.student, new)
+    record = model.student.student_record
+    record["vocab_size"] = rows.numel()
+    if pad is not None:
+        record["pad_id"] = pad
+    model.vocab_remap = remap.to(old.weight.device)
+
+
+# ---------------------------------------------------------------- structured
+
+
+def prune_structure(model: PrunedStudent, fraction: float) -> None:
+    """Remove the lowest-L1 ``fraction`` of the arch's units (at least one kept per group)
+    by building smaller modules; the student record follows the new sizes."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction: expected in [0, 1), got {fraction}")
+    ARCHS[model.arch].shrink(model.student, fraction)
+
+
+def kept_count(n: int, fraction: float) -> int:
+    """How many of ``n`` units survive removing ``fraction`` of them (at least one)."""
+    return max(1, round(n * (1 - fraction)))
+
+
+def strongest(scores: Tensor, keep: int) -> Tensor:
+    """Indices of the ``keep`` largest ``scores``, in increasing index order (so kept units
+    keep their relative order)."""
+    return scores.topk(keep).indices.sort().values
+
+
+def structured_sizes(model: PrunedStudent) -> dict[str, Any]:
+    """The arch's prunable sizes, e.g. ``{"num_filters": 100, "filter_sizes": [3, 4, 5]}``."""
+    return ARCHS[model.arch].sizes(model.student)
+
+
+def _linear_rows(linear: nn.Linear, rows: Tensor) -> nn.Linear:
+    """A Linear computing only the output features ``rows`` of ``linear``."""
+    new = skip_init(nn.Linear, linear.in_features, rows.numel(), bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[rows])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[rows])
+    return new
+
+
+def _linear_columns(linear: nn.Linear, columns: Tensor) -> nn.Linear:
+    """A Linear reading only the input features ``columns`` of ``linear`` (same outputs)."""
+    new = skip_init(nn.Linear, columns.numel(), linear.out_features,
+                    bias=linear.bias is not None, device=linear.weight.device,
+                    dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[:, columns])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    return new
+
+
+def _conv_rows(conv: nn.Conv1d, rows: Tensor) -> nn.Conv1d:
+    """A Conv1d with only the output channels ``rows`` of ``conv`` (groups must be 1)."""
+    new = skip_init(nn.Conv1d, conv.in_channels, rows.numel(), conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, bias=conv.bias is not None,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[rows])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[rows])
+    return new
+
+
+def _shrink_textcnn(student: nn.Module, fraction: float) -> None:
+    # Same count per width, so student.json's single num_filters still describes the module.
+    n = student.convs[0].out_channels
+    keep = kept_count(n, fraction)
+    columns = []
+    for i, conv in enumerate(student.convs):
+        rows = strongest(conv.weight.detach().abs().sum(dim=(1, 2)), keep)
+        student.convs[i] = _conv_rows(conv, rows)
+        columns.append(i * n + rows)  # features are the widths' pooled filters, concatenated
+    student.classifier = _linear_columns(student.classifier, torch.cat(columns))
+    student.feature_dim = keep * len(student.convs)
+    student.student_record["student"]["textcnn"]["num_filters"] = keep
+
+
+def _lstm_weight(lstm: nn.LSTM, kind: str, layer: int, direction: str) -> Tensor:
+    return getattr(lstm, f"{kind}_l{layer}{direction}")
+
+
+def _shrink_bilstm(student: nn.Module, fraction: float) -> None:
+    """Units chosen per (layer, direction), by the L1 of their rows of all four gates in
+    weight_ih and weight_hh; the same count everywhere (nn.LSTM has one hidden_size)."""
+    lstm: nn.LSTM = student.lstm
+    hidden = lstm.hidden_size
+    keep = kept_count(hidden, fraction)
+    directions = ["", "_reverse"]
+    units = {}
+    for layer in range(lstm.num_layers):
+        for d in directions:
+            rows = (_lstm_weight(lstm, "weight_ih", layer, d).detach().abs().sum(1)
+                    + _lstm_weight(lstm, "weight_hh", layer, d).detach().abs().sum(1))
+            units[layer, d] = strongest(rows.view(4, hidden).sum(0), keep)  # gates i, f, g, o
+    # skip_init cannot see nn.LSTM's device argument; its draws are all overwritten below
+    # and made on a forked RNG, so the caller's random stream stays as it was.
+    with torch.random.fork_rng(devices=[]):
+        new = nn.LSTM(lstm.input_size, keep, num_layers=lstm.num_layers, bias=lstm.bias,
+                      batch_first=lstm.batch_first, dropout=lstm.dropout, bidirectional=True,
+                      device=lstm.weight_ih_l0.device, dtype=lstm.weight_ih_l0.dtype)
+
+    def both(layer: int) -> Tensor:  # a layer's output: [forward units; backward units]
+        return torch.cat([units[layer, ""], hidden + units[layer, "_reverse"]])
+
+    with torch.no_grad():
+        for (layer, d), kept in units.items():
+            gate_rows = (torch.arange(4).unsqueeze(1) * hidden + kept).flatten()
+            inputs = both(layer - 1) if layer else torch.arange(lstm.input_size)
+            _lstm_weight(new, "weight_ih", layer, d).copy_(
+                _lstm_weight(lstm, "weight_ih", layer, d)[gate_rows][:, inputs])
+            _lstm_weight(new, "weight_hh", layer, d).copy_(
+                _lstm_weight(lstm, "weight_hh", layer, d)[gate_rows][:, kept])
+            if lstm.bias:
+                for kind in ("bias_ih", "bias_hh"):
+                    _lstm_weight(new, kind, layer, d).copy_(
+                        _lstm_weight(lstm, kind, layer, d)[gate_rows])
+    new.flatten_parameters()
+    new.train(lstm.training)  # its dropout between layers must not switch on in eval mode
+    student.lstm = new
+    student.classifier = _linear_columns(student.classifier, both(lstm.num_layers - 1))
+    student.feature_dim = 2 * keep
+    student.student_record["student"]["bilstm"]["hidden_size"] = keep
+
+
+def _bert_layers(student: nn.Module) -> nn.ModuleList:
+    return student.model.bert.encoder.layer
+
+
+def _keep_heads(layer: nn.Module, heads: Tensor) -> None:
+    """Keep attention heads ``heads`` of a BertLayer: their Q/K/V rows and O columns.
+    (``prune_heads`` is gone from transformers 5; BertSelfAttention reshapes with -1 heads,
+    so smaller Q/K/V Linears are all it needs.)"""
+    attention = layer.attention.self
+    size = attention.attention_head_size
+    rows = (heads.unsqueeze(1) * size + torch.arange(size)).flatten()
+    for name in ("query", "key", "value"):
+        setattr(attention, name, _linear_rows(getattr(attention, name), rows))
+    layer.attention.output.dense = _linear_columns(layer.attention.output.dense, rows)
+    attention.num_attention_heads = heads.numel()
+    attention.all_head_size = rows.numel()
+
+
+def _keep_neurons(layer: nn.Module, neurons: Tensor) -> None:
+    """Keep FFN intermediate neurons ``neurons`` of a BertLayer."""
+    layer.intermediate.dense = _linear_rows(layer.intermediate.dense, neurons)
+    layer.output.dense = _linear_columns(layer.output.dense, neurons)
+
+
+def _head_scores(layer: nn.Module) -> Tensor:
+    """L1 of each head's rows of Q, K, V and its columns of the output projection: (heads,)."""
+    attention = layer.attention.self
+    size = attention.attention_head_size
+    heads = attention.num_attention_heads
+    score = sum(getattr(attention, name).weight.detach().abs().view(heads, -1).sum(1)
+                for name in ("query", "key", "value"))
+    out = layer.attention.output.dense.weight.detach().abs()  # (hidden, heads * size)
+    return score + out.view(out.shape[0], heads, size).sum(dim=(0, 2))
+
+
+def _shrink_transformer(student: nn.Module, fraction: float) -> None:
+    """Per layer: the lowest-L1 heads (Q/K/V/O) and FFN neurons (intermediate rows) go."""
+    config = student.model.config
+    for layer in _bert_layers(student):
+        heads = layer.attention.self.num_attention_heads
+        _keep_heads(layer, strongest(_head_scores(layer), kept_count(heads, fraction)))
+        rows = layer.intermediate.dense.weight.detach().abs().sum(1)
+        _keep_neurons(layer, strongest(rows, kept_count(rows.numel(), fraction)))
+    # Every layer keeps the same FFN width, so the config can say it; the head counts it
+    # cannot (head size = hidden / num_attention_heads): pruning.json carries those.
+    config.intermediate_size = _bert_layers(student)[0].intermediate.dense.out_features
+    student.student_record["bert_config"]["intermediate_size"] = config.intermediate_size
+
+
+def _transformer_sizes(student: nn.Module) -> dict[str, Any]:
+    layers = _bert_layers(student)
+    return {"heads_per_layer": [x.attention.self.num_attention_heads for x in layers],
+            "intermediate_per_layer": [x.intermediate.dense.out_features for x in layers]}
+
+
+def _reshape_transformer(student: nn.Module, sizes: dict[str, Any]) -> None:
+    """Give a freshly built transformer the saved per-layer shapes (values come from the file)."""
+    layers = _bert_layers(student)
+    for layer, heads, width in zip(layers, sizes["heads_per_layer"],
+                                   sizes["intermediate_per_layer"], strict=True):
+        if heads != layer.attention.self.num_attention_heads:
+            _keep_heads(layer, torch.arange(heads))
+        if width != layer.intermediate.dense.out_features:
+            _keep_neurons(layer, torch.arange(width))
+
+
+def _set_transformer_embedding(student: nn.Module, embedding: nn.Embedding) -> None:
+    student.model.set_input_embeddings(embedding)
+    sizes = {"vocab_size": embedding.num_embeddings, "pad_token_id": embedding.padding_idx}
+    student.model.config.update(sizes)
+    student.student_record["bert_config"].update(sizes)
+
+
+def _set_embedding(student: nn.Module, embedding: nn.Embedding) -> None:
+    student.embedding = embedding
+
+
+def _no_reshape(student: nn.Module, sizes: dict[str, Any]) -> None:
+    """Nothing to do: student.json already records every size of this arch."""
+
+
+@dataclass(frozen=True)
+class ArchPruning:
+    """How to prune one architecture.
+
+    ``embedding(student)``: its word embedding; ``set_embedding(student, e)``: replace it (and
+    what records its size); ``shrink(student, fraction)``: structured pruning in place;
+    ``sizes(student)``: the structured sizes, for reports and pruning.json;
+    ``reshape(student, sizes)``: make a freshly built student match ``sizes`` where
+    student.json cannot say them, before its weights are loaded.
+    """
+
+    embedding: Callable[[nn.Module], nn.Embedding]
+    set_embedding: Callable[[nn.Module, nn.Embedding], None]
+    shrink: Callable[[nn.Module, float], None]
+    sizes: Callable[[nn.Module], dict[str, Any]]
+    reshape: Callable[[nn.Module, dict[str, Any]], None]
+
+
+ARCHS: dict[str, ArchPruning] = {
+    "textcnn": ArchPruning(
+        embedding=lambda s: s.embedding, set_embedding=_set_embedding, shrink=_shrink_textcnn,
+        sizes=lambda s: {"filter_sizes": list(s.filter_sizes),
+                         "num_filters": s.convs[0].out_channels},
+        reshape=_no_reshape),
+    "bilstm": ArchPruning(
+        embedding=lambda s: s.embedding, set_embedding=_set_embedding, shrink=_shrink_bilstm,
+        sizes=lambda s: {"hidden_size": s.lstm.hidden_size, "layers": s.lstm.num_layers},
+        reshape=_no_reshape),
+    "transformer": ArchPruning(
+        embedding=lambda s: s.model.get_input_embeddings(),
+        set_embedding=_set_transformer_embedding, shrink=_shrink_transformer,
+        sizes=_transformer_sizes, reshape=_reshape_transformer),
+}
+
+
+# ---------------------------------------------------------------- unstructured
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, parameter name) of every Linear / Conv1d weight and LSTM weight matrix:
+    what magnitude pruning acts on. Embeddings, biases and LayerNorms are left alone."""
+    found: list[tuple[nn.Module, str]] = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            found.append((module, "weight"))
+        elif isinstance(module, nn.LSTM):
+            found += [(module, name) for name, _ in module.named_parameters(recurse=False)
+                      if name.startswith("weight_")]
+    return found
+
+
+def prune_magnitude(model: nn.Module, sparsity: float) -> None:
+    """Zero the ``sparsity`` share (rounded to a count) of ``prunable_weights`` with the
+    smallest magnitude, ranked across all of them together, and make it permanent (no
+    ``*_orig`` parameter or ``*_mask`` buffer remains)."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity: expected in [0, 1), got {sparsity}")
+    weights = prunable_weights(model)
+    torch_prune.global_unstructured(weights, pruning_method=torch_prune.L1Unstructured,
+                                    amount=sparsity)
+    for module, name in weights:
+        torch_prune.remove(module, name)
+    for module in model.modules():
+        if isinstance(module, nn.LSTM):
+            module.flatten_parameters()  # new weight storage: re-pack for cuDNN (CPU: no-op)
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Share of zeros among ``prunable_weights``."""
+    tensors = [getattr(m, name) for m, name in prunable_weights(model)]
+    total = sum(t.numel() for t in tensors)
+    return sum(int((t == 0).sum()) for t in tensors) / max(total, 1)
+
+
+# ---------------------------------------------------------------- counts
+
+
+def parameter_counts(model: PrunedStudent) -> dict[str, int]:
+    """``total`` parameters, ``embedding`` (word-embedding rows x width) and ``nonzero``."""
+    params = list(model.parameters())
+    return {"total": sum(p.numel() for p in params),
+            "embedding": ARCHS[model.arch].embedding(model.student).weight.numel(),
+            "nonzero": sum(int(p.count_nonzero()) for p in params)}
+
+
+# ---------------------------------------------------------------- folder
+
+
+def describe(model: PrunedStudent) -> dict[str, Any]:
+    """What pruning.json records for ``model``."""
+    remap = model.vocab_remap
+    vocabulary = None if remap is None else {
+        "original_size": remap.numel(),
+        "kept": ARCHS[model.arch].embedding(model.student).num_embeddings}
+    return {"format": PRUNING_FORMAT, "arch": model.arch, "vocabulary": vocabulary,
+            "sizes": structured_sizes(model)}
+
+
+def write_pruned(model: PrunedStudent, folder: Path) -> None:
+    """Write ``model`` into the existing, empty ``folder`` (for use inside ``atomic_dir``):
+    ``student/``, ``vocab_remap.safetensors`` (when the vocabulary was pruned), pruning.json."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_student(model.student, folder / STUDENT_DIR)
+    if model.vocab_remap is not None:
+        save_file({"vocab_remap": model.vocab_remap.contiguous().cpu()},
+                  str(folder / VOCAB_REMAP_FILE), metadata={"format": "pt"})
+    (folder / PRUNING_FILE).write_text(json.dumps(describe(model), indent=2) + "\n",
+                                       encoding="utf-8")
+
+
+def save_pruned(model: PrunedStudent, folder: Path) -> None:
+    """Write ``folder`` (replaced whole, atomically) with ``write_pruned``."""
+    with atomic_dir(Path(folder)) as tmp:
+        write_pruned(model, tmp)
+
+
+def load_pruned(folder: Path) -> PrunedStudent:
+    """The pruned student saved in ``folder``, in eval mode, reading the original tokenizer's
+    ids. Raises ``KdpipeError`` naming the file when something is missing or does not fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, load_model
+
+    folder = Path(folder)
+    description = _read_json(folder / PRUNING_FILE, "a pruned student folder")
+    inner = folder / STUDENT_DIR
+    record = _read_json(inner / RECORD_FILE, "a saved student")
+    try:
+        cfg = StudentConfig.model_validate(record["student"])
+        arch = ARCHS[cfg.arch]
+        # Building draws initial weights that the file replaces; keep the caller's RNG as is.
+        with torch.random.fork_rng(devices=[]):
+            student = STUDENTS[cfg.arch].make(cfg, record)
+        arch.reshape(student, description["sizes"])
+        load_model(student, inner / WEIGHTS_FILE, strict=True)
+        remap = (load_file(folder / VOCAB_REMAP_FILE)["vocab_remap"]
+                 if description["vocabulary"] else None)
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError) as exc:
+        raise KdpipeError(f"{folder}: cannot load the pruned student "
+                          f"({type(exc).__name__}: {_first_line(exc)})") from None
+    student.student_record = record
+    return PrunedStudent(student, remap).eval()
+
+
+def load_for_inference(folder: Path) -> nn.Module:
+    """The model of a distill or a prune output folder, in eval mode; either way it reads the
+    original tokenizer's ids (a pruned folder is the one with pruning.json)."""
+    if (Path(folder) / PRUNING_FILE).is_file():
+        return load_pruned(folder)
+    return load_student(folder)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KdpipeError(f"{path}: not found; is {path.parent} {what}?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KdpipeError(f"{path}: unreadable ({type(exc).__name__})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,208 @@
+"""Predictor: raw text in, labels and probabilities out, over an exported folder.
+
+An exported folder (written by ``kdpipe.steps.export``) holds ``model.onnx``, the tokenizer
+files, ``labels.json`` (``{"names": [...]}`` in label-id order) and ``export.json`` (which
+records, among other things, the ``max_length`` texts are cut to). It needs neither PyTorch
+nor the training folders: copy it anywhere and point a Predictor at it::
+
+    predictor = Predictor(Path("work/export"), threads=1)
+    predictor.predict("a lovely film")[0].label           # 'positive'
+    predictor.predict_proba(["bad", "good"])              # array (2, C), rows sum to 1
+    [p.to_dict() for p in predictor.predict(texts)]       # JSON-ready
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdpipe.errors import KdpipeError
+from kdpipe.onnx_utils import ort_session
+
+MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.json"
+RECORD_FILE = "export.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # every saved tokenizer has it, fast or slow
+TOKENIZER_FILE = "tokenizer.json"  # a fast tokenizer's whole definition
+# Without tokenizer.json, a slow tokenizer needs one of these; without any of them
+# transformers builds an empty-vocabulary tokenizer that maps every word to [UNK].
+VOCABULARY_FILES = ("vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
+BATCH_SIZE = 64  # texts per ONNX Runtime call; each batch is padded to its longest text
+
+_NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One text's result: the most probable label and every label's probability (label-id
+    order, summing to 1)."""
+
+    label: str
+    probabilities: dict[str, float]
+
+    @property
+    def score(self) -> float:
+        """Probability of ``label``."""
+        return self.probabilities[self.label]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "probabilities": dict(self.probabilities)}
+
+
+class Predictor:
+    """Classifies texts with an exported model on the CPU (ONNX Runtime).
+
+    ``folder``: an exported folder (see the module docstring); a missing or unreadable file
+    is a ``KdpipeError`` naming it. ``threads``: ONNX Runtime intra-op threads (None: one
+    per core). The session is fed only the inputs the graph declares (students take
+    ``input_ids`` and ``attention_mask``; a BERT export may also take ``token_type_ids``).
+
+    Texts are tokenized as in training: special tokens added, cut to ``max_length`` tokens,
+    padded on the right within each batch of ``batch_size``.
+    """
+
+    def __init__(self, folder: Path, threads: int | None = None,
+                 batch_size: int = BATCH_SIZE) -> None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise KdpipeError(f"{folder}: no such folder; expected an exported model "
+                              "(make one with `kdpipe export`)")
+        for name in (MODEL_FILE, LABELS_FILE, RECORD_FILE):
+            if not (folder / name).is_file():
+                raise KdpipeError(f"{folder / name}: not found; {folder} is not a complete "
+                                  "exported model (make one with `kdpipe export`)")
+        if threads is not None and threads < 1:
+            raise KdpipeError(f"Predictor threads must be >= 1 or None (got {threads})")
+        self.folder = folder
+        self.batch_size = batch_size
+        self.labels: list[str] = _read_labels(folder / LABELS_FILE)
+        self.max_length: int = _read_max_length(folder / RECORD_FILE)
+        self.tokenizer = load_tokenizer(folder)
+        self.session = ort_session(folder / MODEL_FILE, threads)
+        self.inputs = {i.name: _NUMPY_TYPES.get(i.type) for i in self.session.get_inputs()}
+        self._check_graph()
+
+    def predict(self, texts: str | Iterable[str]) -> list[Prediction]:
+        """A ``Prediction`` per text, in input order (a single string gives a list of one)."""
+        probabilities = self.predict_proba(texts)
+        return [Prediction(self.labels[int(row.argmax())],
+                           {name: float(p) for name, p in zip(self.labels, row, strict=True)})
+                for row in probabilities]
+
+    def predict_proba(self, texts: str | Iterable[str]) -> np.ndarray:
+        """Class probabilities (n, C) float32, rows in input order, columns in ``labels``
+        order."""
+        logits = self.logits(texts)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+
+    def logits(self, texts: str | Iterable[str]) -> np.ndarray:
+        """Raw model outputs (n, C) float32."""
+        outputs = [self.run(feed) for feed in self.encode(texts)]
+        if not outputs:
+            return np.zeros((0, len(self.labels)), np.float32)
+        return np.concatenate(outputs)
+
+    def encode(self, texts: str | Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Session feeds (input name -> (B, L) array), ``batch_size`` texts at a time."""
+        items = as_texts(texts)
+        for start in range(0, len(items), self.batch_size):
+            encoded = self.tokenizer(items[start: start + self.batch_size], truncation=True,
+                                     max_length=self.max_length, padding=True,
+                                     return_tensors="np")
+            yield {name: np.ascontiguousarray(encoded[name], dtype=dtype or np.int64)
+                   for name, dtype in self.inputs.items()}
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """One feed (from ``encode``) through the model: logits (B, C) float32."""
+        return self.session.run(["logits"], feed)[0]
+
+    def _check_graph(self) -> None:
+        path = self.folder / MODEL_FILE
+        produced = set(self.tokenizer.model_input_names)
+        unknown = [name for name in self.inputs if name not in produced]
+        if unknown:
+            raise KdpipeError(f"{path}: takes inputs {unknown} that the tokenizer in "
+                              f"{self.folder} does not produce ({sorted(produced)})")
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if "logits" not in outputs:
+            raise KdpipeError(f"{path}: has no output named 'logits' (has {list(outputs)})")
+        width = outputs["logits"][-1]
+        if isinstance(width, int) and width != len(self.labels):
+            raise KdpipeError(f"{path}: gives {width} logits per text but "
+                              f"{self.folder / LABELS_FILE} names {len(self.labels)} labels")
+
+
+def as_texts(texts: object) -> list[str]:
+    """``texts`` as a list of strings: one string, or an iterable (list, tuple, array, ...)
+    of strings. Anything else is a ``KdpipeError`` saying what was given and where."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, bytearray, Mapping)) or not isinstance(texts, Iterable):
+        raise KdpipeError(f"expected a string or a list of strings, got "
+                          f"{type(texts).__name__}")
+    items = list(texts)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise KdpipeError(f"text {i} is {type(item).__name__}, not a string: "
+                              f"{_short(item)}")
+    return items
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KdpipeError(f"{path}: not readable JSON ({type(exc).__name__})") from None
+
+
+def _read_labels(path: Path) -> list[str]:
+    doc = _read_json(path)
+    names = doc.get("names") if isinstance(doc, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise KdpipeError(f'{path}: expected {{"names": [label, ...]}}')
+    return names
+
+
+def _read_max_length(path: Path) -> int:
+    doc = _read_json(path)
+    value = doc.get("max_length") if isinstance(doc, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise KdpipeError(f"{path}: no valid max_length (got {value!r})")
+    return value
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in ``folder``, padding on the right; a ``KdpipeError`` naming the
+    missing file when its config or its vocabulary (tokenizer.json or a vocabulary file) is
+    not there."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / TOKENIZER_CONFIG).is_file():
+        raise KdpipeError(f"{folder / TOKENIZER_CONFIG}: not found; {folder} holds no "
+                          "saved tokenizer")
+    if not any((folder / name).is_file() for name in (TOKENIZER_FILE, *VOCABULARY_FILES)):
+        raise KdpipeError(f"{folder / TOKENIZER_FILE}: not found, nor a vocabulary file "
+                          f"({', '.join(VOCABULARY_FILES)}); the tokenizer in {folder} is "
+                          "incomplete")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KdpipeError(f"{folder}: cannot load the tokenizer: {first}") from None
+    # Students read right-padded rows (the BiLSTM takes each row's last real token at
+    # length - 1), whatever side the tokenizer was saved with.
+    tokenizer.padding_side = "right"
+    return tokenizer

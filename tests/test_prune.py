@@ -1,0 +1,368 @@
+"""Pruning: the vocabulary keeps exactly the data's ids and specials and changes no output of a
+text made of them (an unseen token reads as [UNK]); structured pruning really shrinks tensors
+and removes the weakest units (dead units removed leave the outputs unchanged); magnitude
+pruning reaches its sparsity permanently; pruned folders reload exactly; the step end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import separable_rows, write_csv
+
+from kdpipe import pruning
+from kdpipe.config import StudentConfig, validate
+from kdpipe.errors import KdpipeError
+from kdpipe.models.students import build_student, count_parameters, load_student, save_student
+from kdpipe.models.teacher import load_tokenizer
+from kdpipe.steps import ingest, prune, soft_labels
+
+ARCHS = ["textcnn", "bilstm", "transformer"]
+SMALL = {
+    "textcnn": {"embedding_dim": 16, "textcnn": {"filter_sizes": [2, 3], "num_filters": 8}},
+    "bilstm": {"embedding_dim": 16, "bilstm": {"hidden_size": 8, "layers": 2}},
+    "transformer": {"transformer": {"teacher_layers": [0, 1]}},  # 2 layers, 2 heads, FFN 64
+}
+TRAIN = ["good movie", "the film was awful", "bad"]
+KEPT_ONLY = ["good film", "the movie was bad", "awful good the"]  # only words of TRAIN
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
+
+
+def make(arch: str, teacher: Path, tokenizer) -> pruning.PrunedStudent:
+    torch.manual_seed(0)
+    cfg = StudentConfig.model_validate({"arch": arch, **SMALL[arch]})
+    student = build_student(cfg, 2, teacher, tokenizer.pad_token_id, len(tokenizer))
+    return pruning.PrunedStudent(student).eval()
+
+
+def run_on(model, tokenizer, texts: list[str]):
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        return model(batch["input_ids"], batch["attention_mask"])
+
+
+def run_ids(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).logits
+
+
+def kept_for(tokenizer, texts: list[str]) -> list[int]:
+    return pruning.kept_token_ids(tokenizer(texts)["input_ids"],
+                                  [*tokenizer.all_special_ids, tokenizer.unk_token_id])
+
+
+# ---------------------------------------------------------------- vocabulary
+
+
+def test_kept_ids_are_the_data_tokens_and_the_specials(tokenizer):
+    words = tokenizer.convert_tokens_to_ids(["good", "movie", "bad", "film"])
+    # conftest's vocabulary starts [PAD] [UNK] [CLS] [SEP] [MASK]: ids 0..4
+    assert kept_for(tokenizer, ["good movie", "bad film"]) == [0, 1, 2, 3, 4, *sorted(words)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vocabulary_pruning_keeps_outputs_and_maps_unseen_ids_to_unk(arch, tiny_bert,
+                                                                    tokenizer):
+    model = make(arch, tiny_bert, tokenizer)
+    original = make(arch, tiny_bert, tokenizer)
+    before = pruning.parameter_counts(model)
+    kept = kept_for(tokenizer, TRAIN)
+    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id)
+
+    embedding = pruning.ARCHS[arch].embedding(model.student)
+    assert embedding.num_embeddings == len(kept)
+    assert model.vocab_remap.shape == (len(tokenizer),)
+    assert model.vocab_remap[kept].tolist() == list(range(len(kept)))
+    assert embedding.padding_idx == model.vocab_remap[tokenizer.pad_token_id]
+    after = pruning.parameter_counts(model)
+    width = embedding.embedding_dim
+    assert before["total"] - after["total"] == (len(tokenizer) - len(kept)) * width
+
+    # Texts of kept tokens (padded in a batch, too): the same outputs.
+    torch.testing.assert_close(run_on(model, tokenizer, KEPT_ONLY).logits,
+                               run_on(original, tokenizer, KEPT_ONLY).logits,
+                               atol=1e-6, rtol=0)
+    # An unseen token ("nasty") reads exactly as [UNK] did before.
+    ids = tokenizer("good nasty movie")["input_ids"]
+    as_unk = [i if i in kept else tokenizer.unk_token_id for i in ids]
+    assert as_unk != ids
+    torch.testing.assert_close(run_ids(model, ids), run_ids(original, as_unk),
+                               atol=1e-6, rtol=0)
+
+
+def test_vocabulary_needs_unk_among_the_kept_ids(tiny_bert, tokenizer):
+    model = make("textcnn", tiny_bert, tokenizer)
+    with pytest.raises(ValueError, match="unknown token"):
+        pruning.prune_vocabulary(model, [0, 2, 3], tokenizer.unk_token_id)
+
+
+# ---------------------------------------------------------------- structured
+
+
+def _kill_textcnn(student):
+    """Odd filters of every width: weak kernels that the classifier ignores."""
+    n = student.convs[0].out_channels
+    for i, conv in enumerate(student.convs):
+        conv.weight[1::2] *= 1e-3
+        student.classifier.weight[:, i * n + 1: (i + 1) * n: 2] = 0
+
+
+def _kill_bilstm(student):
+    """Odd units of every layer and direction: weak inputs, outputs read by nobody."""
+    lstm, hidden = student.lstm, student.lstm.hidden_size
+    dead = torch.arange(1, hidden, 2)
+    for layer in range(lstm.num_layers):
+        for d in ("", "_reverse"):
+            rows = (torch.arange(4).unsqueeze(1) * hidden + dead).flatten()
+            getattr(lstm, f"weight_ih_l{layer}{d}")[rows] *= 1e-3
+            getattr(lstm, f"weight_hh_l{layer}{d}")[rows] *= 1e-3
+            getattr(lstm, f"weight_hh_l{layer}{d}")[:, dead] = 0
+            if layer + 1 < lstm.num_layers:
+                for reader in ("", "_reverse"):
+                    w = getattr(lstm, f"weight_ih_l{layer + 1}{reader}")
+                    w[:, dead] = 0
+                    w[:, hidden + dead] = 0
+    student.classifier.weight[:, dead] = 0
+    student.classifier.weight[:, hidden + dead] = 0
+
+
+def _kill_transformer(student):
+    """Head 1 of each layer (weak Q/K/V, zero output columns) and odd FFN neurons."""
+    for layer in student.model.bert.encoder.layer:
+        attention = layer.attention.self
+        head = slice(attention.attention_head_size, 2 * attention.attention_head_size)
+        for name in ("query", "key", "value"):
+            getattr(attention, name).weight[head] *= 1e-3
+        layer.attention.output.dense.weight[:, head] = 0
+        layer.intermediate.dense.weight[1::2] *= 1e-3
+        layer.output.dense.weight[:, 1::2] = 0
+
+
+def _shapes_textcnn(student):
+    assert [tuple(c.weight.shape) for c in student.convs] == [(4, 16, 2), (4, 16, 3)]
+    assert student.classifier.weight.shape == (2, 8)
+    assert student.student_record["student"]["textcnn"]["num_filters"] == 4
+
+
+def _shapes_bilstm(student):
+    lstm = student.lstm
+    assert lstm.hidden_size == 4
+    for d in ("", "_reverse"):
+        assert getattr(lstm, f"weight_ih_l0{d}").shape == (16, 16)
+        assert getattr(lstm, f"weight_hh_l0{d}").shape == (16, 4)
+        assert getattr(lstm, f"weight_ih_l1{d}").shape == (16, 8)
+    assert student.classifier.weight.shape == (2, 8)
+    assert student.student_record["student"]["bilstm"]["hidden_size"] == 4
+
+
+def _shapes_transformer(student):
+    for layer in student.model.bert.encoder.layer:
+        for name in ("query", "key", "value"):
+            assert getattr(layer.attention.self, name).weight.shape == (16, 32)
+        assert layer.attention.output.dense.weight.shape == (32, 16)
+        assert layer.intermediate.dense.weight.shape == (32, 32)
+        assert layer.output.dense.weight.shape == (32, 32)
+    assert student.student_record["bert_config"]["intermediate_size"] == 32
+
+
+KILL = {"textcnn": _kill_textcnn, "bilstm": _kill_bilstm, "transformer": _kill_transformer}
+SHAPES = {"textcnn": _shapes_textcnn, "bilstm": _shapes_bilstm,
+          "transformer": _shapes_transformer}
+SIZES_AFTER = {"textcnn": {"filter_sizes": [2, 3], "num_filters": 4},
+               "bilstm": {"hidden_size": 4, "layers": 2},
+               "transformer": {"heads_per_layer": [1, 1], "intermediate_per_layer": [32, 32]}}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_structured_pruning_halves_units_and_removes_the_weakest(arch, tiny_bert, tokenizer,
+                                                                 tmp_path):
+    model = make(arch, tiny_bert, tokenizer)
+    with torch.no_grad():
+        KILL[arch](model.student)
+    texts = [*KEPT_ONLY, "it is fine but the food was dull so sad"]
+    before = run_on(model, tokenizer, texts).logits
+    params = count_parameters(model)
+
+    pruning.prune_structure(model, 0.5)
+    SHAPES[arch](model.student)
+    assert pruning.structured_sizes(model) == SIZES_AFTER[arch]
+    assert count_parameters(model) < params
+    # Only the dead half went, so the outputs are unchanged (up to summation order).
+    after = run_on(model, tokenizer, texts).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+    pruning.save_pruned(model, tmp_path / "pruned")
+    reloaded = pruning.load_pruned(tmp_path / "pruned")
+    SHAPES[arch](reloaded.student)
+    assert torch.equal(run_on(reloaded, tokenizer, texts).logits, after)
+
+
+def test_textcnn_features_are_the_kept_filters(tiny_bert, tokenizer):
+    model = make("textcnn", tiny_bert, tokenizer)
+    norms = [conv.weight.detach().abs().sum(dim=(1, 2)) for conv in model.student.convs]
+    kept = torch.cat([i * 8 + n.topk(4).indices.sort().values for i, n in enumerate(norms)])
+    features = run_on(model, tokenizer, KEPT_ONLY).features
+    pruning.prune_structure(model, 0.5)
+    torch.testing.assert_close(run_on(model, tokenizer, KEPT_ONLY).features,
+                               features[:, kept], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- unstructured
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_magnitude_pruning_reaches_the_sparsity_permanently(arch, tiny_bert, tokenizer,
+                                                            tmp_path):
+    model = make(arch, tiny_bert, tokenizer)
+    weights = [getattr(m, n) for m, n in pruning.prunable_weights(model)]
+    magnitudes = torch.cat([w.detach().abs().flatten() for w in weights])
+    embedding = pruning.ARCHS[arch].embedding(model.student).weight.detach().clone()
+
+    pruning.prune_magnitude(model, 0.6)
+    pruned = torch.cat([getattr(m, n).detach().flatten()
+                        for m, n in pruning.prunable_weights(model)])
+    zero = pruned == 0
+    assert int(zero.sum()) == round(0.6 * magnitudes.numel())
+    assert pruning.weight_sparsity(model) == pytest.approx(0.6, abs=1 / magnitudes.numel())
+    assert magnitudes[zero].max() <= magnitudes[~zero].min()  # the smallest went
+    assert torch.equal(pruning.ARCHS[arch].embedding(model.student).weight, embedding)
+    names = [*model.state_dict(), *(n for n, _ in model.named_buffers())]
+    assert not [n for n in names if n.endswith(("_orig", "_mask"))]
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+    # The forward uses the zeroed weights (an LSTM's flat weights included): a reload agrees.
+    out = run_on(model, tokenizer, KEPT_ONLY).logits
+    pruning.save_pruned(model, tmp_path / "pruned")
+    assert torch.equal(run_on(pruning.load_pruned(tmp_path / "pruned"), tokenizer,
+                              KEPT_ONLY).logits, out)
+
+
+# ---------------------------------------------------------------- the step
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_bert):
+    """Prepared data without two of the vocabulary's words, and soft labels (the untrained
+    tiny BERT as teacher: fast, and the step only needs its logits to exist)."""
+    root = tmp_path_factory.mktemp("prune")
+    rows = [r for r in separable_rows(160) if not {"lovely", "nasty"} & set(r[0].split())]
+    raw = {"work_dir": str(root / "work"), "tracking": {"enabled": False},
+           "data": {"source": str(write_csv(root / "d.csv", rows))},
+           "teacher": {"checkpoint": str(tiny_bert)},
+           "soft_labels": {"cache_dir": str(root / "cache")},
+           "distill": {"batch_size": 32}}
+    cfg = validate(raw, "test")
+    ingest.run(cfg, cfg.paths.prepared)
+    soft_labels.run(cfg, tiny_bert, cfg.paths.prepared, cfg.paths.soft_labels)
+    return raw
+
+
+def _student_dir(arch, tiny_bert, tokenizer, folder: Path) -> Path:
+    save_student(make(arch, tiny_bert, tokenizer).student, folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _run(raw, tmp_path, arch, tiny_bert, tokenizer, **settings):
+    cfg = validate({**raw, "prune": settings}, "test")
+    student_dir = _student_dir(arch, tiny_bert, tokenizer, tmp_path / "student")
+    result = prune.run(cfg, student_dir, cfg.paths.prepared, cfg.paths.soft_labels,
+                       tmp_path / "pruned")
+    report = json.loads((tmp_path / "pruned" / prune.REPORT_FILE).read_text())
+    return cfg, student_dir, result, report
+
+
+def _validation(cfg, tokenizer):
+    split = ingest.read_split(cfg.paths.prepared / "validation.parquet")
+    return split.texts, np.array(split.labels)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_step_writes_a_folder_that_reloads_to_the_same_pruned_model(pipeline, tmp_path, arch,
+                                                                    tiny_bert, tokenizer):
+    settings = {"structured_fraction": 0.5, "unstructured_sparsity": 0.3}
+    cfg, student_dir, result, report = _run(pipeline, tmp_path, arch, tiny_bert, tokenizer,
+                                            **settings)
+    loaded = pruning.load_pruned(tmp_path / "pruned")
+
+    # The same pruning done here by hand gives the same model.
+    train = ingest.read_split(cfg.paths.prepared / "train.parquet").texts
+    kept = kept_for(tokenizer, train)
+    expected = pruning.PrunedStudent(load_student(student_dir))
+    pruning.prune_vocabulary(expected, kept, tokenizer.unk_token_id)
+    pruning.prune_structure(expected, 0.5)
+    pruning.prune_magnitude(expected, 0.3)
+    texts, labels = _validation(cfg, tokenizer)
+    logits = run_on(loaded, tokenizer, texts).logits
+    assert torch.equal(logits, run_on(expected.eval(), tokenizer, texts).logits)
+
+    m = result.metrics
+    assert m["vocab_kept"] == len(kept) == report["vocabulary"]["kept"]
+    assert m["params_after"] == count_parameters(loaded) == report["params"]["after"]["total"]
+    assert m["params_before"] == count_parameters(load_student(student_dir))
+    assert m["params_after"] < m["params_before"]
+    assert report["params"]["after"]["embedding"] < report["params"]["before"]["embedding"]
+    assert m["sparsity"] == pytest.approx(0.3, abs=0.01)
+    assert report["structured"]["after"] == SIZES_AFTER[arch]
+    assert m["val_accuracy_after"] == pytest.approx(float((logits.argmax(1).numpy()
+                                                           == labels).mean()))
+    assert m["val_accuracy_before"] == report["val_accuracy"]["before"]
+    assert list(report["val_accuracy"]) == ["before", "after_vocabulary", "after_structured",
+                                            "after_unstructured"]
+    out = tmp_path / "pruned"
+    assert (out / "tokenizer.json").exists() and (out / pruning.VOCAB_REMAP_FILE).exists()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+
+
+def test_step_fine_tune_keeps_pruned_weights_at_zero(pipeline, tmp_path, tiny_bert, tokenizer):
+    _, _, result, report = _run(pipeline, tmp_path, "textcnn", tiny_bert, tokenizer,
+                                unstructured_sparsity=0.5, finetune_epochs=2,
+                                finetune_lr=1e-2)
+    assert [e["epoch"] for e in report["finetune"]["loss"]] == [0, 1]
+    assert all(np.isfinite(e["loss"]) for e in report["finetune"]["loss"])
+    assert "after_finetune" in report["val_accuracy"]
+    assert result.metrics["val_accuracy_after"] == report["val_accuracy"]["after_finetune"]
+    assert result.metrics["val_accuracy_pruned"] == report["val_accuracy"]["after_unstructured"]
+    loaded = pruning.load_pruned(tmp_path / "pruned")
+    assert pruning.weight_sparsity(loaded) >= 0.5 - 0.01
+
+
+def test_step_without_vocabulary_pruning_keeps_every_id(pipeline, tmp_path, tiny_bert,
+                                                        tokenizer):
+    _, student_dir, result, report = _run(pipeline, tmp_path, "bilstm", tiny_bert, tokenizer,
+                                          vocabulary=False)
+    assert result.metrics["vocab_kept"] == len(tokenizer)
+    assert result.metrics["params_after"] == result.metrics["params_before"]
+    assert report["vocabulary"] is None
+    assert not (tmp_path / "pruned" / pruning.VOCAB_REMAP_FILE).exists()
+    loaded = pruning.load_pruned(tmp_path / "pruned")
+    assert loaded.vocab_remap is None
+    original = load_student(student_dir)
+    assert torch.equal(run_on(loaded, tokenizer, KEPT_ONLY).logits,
+                       run_on(original, tokenizer, KEPT_ONLY).logits)
+
+
+def test_load_pruned_names_the_missing_file(tiny_bert, tokenizer, tmp_path):
+    student_dir = _student_dir("textcnn", tiny_bert, tokenizer, tmp_path / "student")
+    with pytest.raises(KdpipeError, match="pruning.json: not found"):
+        pruning.load_pruned(student_dir)
+    assert not isinstance(pruning.load_for_inference(student_dir), pruning.PrunedStudent)
+
+
+def test_a_pruned_folder_is_not_mistaken_for_a_plain_student(tiny_bert, tokenizer, tmp_path):
+    model = make("textcnn", tiny_bert, tokenizer)
+    pruning.prune_vocabulary(model, kept_for(tokenizer, TRAIN), tokenizer.unk_token_id)
+    pruning.save_pruned(model, tmp_path / "pruned")
+    with pytest.raises(KdpipeError, match="student.json: not found"):
+        load_student(tmp_path / "pruned")  # its inner student reads the new ids
+    assert isinstance(pruning.load_for_inference(tmp_path / "pruned"), pruning.PrunedStudent)
