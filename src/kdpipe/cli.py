@@ -141,7 +141,8 @@ def run(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 @friendly_errors
 def predict(
     texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
-    model: Annotated[Path, typer.Option(help="An exported model folder.")] = Path("work/export"),
+    model: Annotated[Path, typer.Option(help="An exported or quantized model folder.")] = Path(
+        "work/quantized"),
 ) -> None:
     """Classify texts with an exported model; prints one JSON object per text."""
     import json

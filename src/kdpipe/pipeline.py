@@ -78,6 +78,13 @@ def _export(cfg: Config, log_metric: LogMetric | None) -> StepResult:
     return export.run(cfg, paths.pruned, paths.prepared, paths.exported)
 
 
+def _quantize(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import quantize
+
+    paths = cfg.paths
+    return quantize.run(cfg, paths.exported, paths.prepared, paths.quantized)
+
+
 STEPS: tuple[Step, ...] = (
     Step("ingest", "Read, check and split the data; write Parquet splits and a data card.",
          _ingest),
@@ -93,6 +100,8 @@ STEPS: tuple[Step, ...] = (
          _prune),
     Step("export", "Export the pruned student to ONNX with its tokenizer; check parity.",
          _export),
+    Step("quantize", "Quantize the ONNX student (int8 by default) behind an accuracy gate.",
+         _quantize),
 )
 
 

@@ -1,0 +1,228 @@
+"""quantize: shrink an exported folder's ONNX model, kept only if it stays accurate.
+
+Reads ``export_dir`` (written by ``kdpipe.steps.export``: model.onnx, tokenizer files,
+labels.json, export.json) and ``prepared_dir`` (train.parquet for static calibration,
+validation.parquet for the accuracy gate). Writes ``out_dir`` atomically: a copy of the
+exported folder whose ``model.onnx`` is replaced by the quantized model per
+``quantize.method``:
+
+- ``ort_dynamic`` (default): ``onnxruntime.quantization.quantize_dynamic``, int8 weights;
+- ``ort_static``: ``quantize_static`` in QDQ format, int8 weights and activations,
+  calibrated (``quantize.calibration``: minmax, entropy, percentile) on
+  ``quantize.calibration_batches`` batches of 32 train texts tokenized as the folder's
+  Predictor does; ``quantize.exclude_nodes`` stay in float. ORT's ``quant_pre_process``
+  runs first where it can; where it fails the reason is recorded and it is skipped;
+- ``fp16``: float16 conversion with ``onnxconverter_common`` (a ``KdpipeError`` when it is
+  not installed);
+- ``torch_dynamic``: not supported for an ONNX export yet (a ``KdpipeError``);
+- ``none``: the model copied unchanged.
+
+Accuracy gate: validation accuracy of the fp32 and the quantized folder, both through
+``kdpipe.serve.Predictor``. If the quantized model loses more than
+``quantize.max_accuracy_drop`` the fp32 ``model.onnx`` is kept (and why is recorded).
+Everything but ``model.onnx`` is copied as is; ``quantize.json`` records the method,
+sizes, accuracies, which model was kept and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdpipe.atomic import atomic_dir, write_json
+from kdpipe.config import Config
+from kdpipe.errors import KdpipeError
+from kdpipe.serve import MODEL_FILE, Predictor
+from kdpipe.steps import StepResult
+from kdpipe.steps.ingest import read_split
+
+QUANTIZE_FILE = "quantize.json"
+CALIBRATION_BATCH = 32
+RECORD_FORMAT = 1
+_FLOAT_DEFAULT = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
+
+
+def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path) -> StepResult:
+    """Quantize the exported folder ``export_dir`` into ``out_dir`` (see the module docstring).
+
+    Metrics: ``size_bytes`` (the model.onnx kept), ``fp32_bytes``, ``int8_bytes`` (the
+    quantized file, whatever its precision), ``val_accuracy_fp32``, ``val_accuracy_int8``,
+    ``kept_int8`` (1 if the quantized model was kept, else 0).
+    """
+    start = time.perf_counter()
+    export_dir, prepared_dir, out_dir = Path(export_dir), Path(prepared_dir), Path(out_dir)
+    q = cfg.quantize
+    _check_inputs(export_dir, prepared_dir)
+    validation = read_split(prepared_dir / "validation.parquet")
+    if not validation.texts:
+        raise KdpipeError(f"{prepared_dir / 'validation.parquet'}: no rows to measure "
+                          "accuracy on")
+    record: dict[str, Any] = {"format": RECORD_FORMAT, "source": str(export_dir),
+                              "method": q.method,
+                              "calibration": q.calibration if q.method == "ort_static" else None,
+                              "max_accuracy_drop": q.max_accuracy_drop}
+    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="kdpipe-quant-") as s:
+        shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
+        fp32 = export_dir / MODEL_FILE
+        quantized = Path(s) / "quantized.onnx"
+        record.update(quantize_model(cfg, fp32, quantized, export_dir, prepared_dir, Path(s)))
+        fp32_accuracy = accuracy(Predictor(export_dir), validation)
+        shutil.copyfile(quantized, tmp / MODEL_FILE)
+        int8_accuracy = accuracy(Predictor(tmp), validation)
+        record["sizes"] = {"fp32_bytes": fp32.stat().st_size,
+                           "int8_bytes": quantized.stat().st_size}
+        record["accuracy"] = {"split": "validation", "rows": len(validation.texts),
+                              "fp32": fp32_accuracy, "int8": int8_accuracy}
+        drop = fp32_accuracy - int8_accuracy
+        if int8_accuracy < fp32_accuracy - q.max_accuracy_drop:
+            shutil.copyfile(fp32, tmp / MODEL_FILE)
+            record["kept"] = "fp32"
+            record["why"] = (f"int8 lost {100 * drop:.2f} points > max_accuracy_drop "
+                             f"{100 * q.max_accuracy_drop:.2f}")
+        else:
+            record["kept"] = "int8"
+            record["why"] = (f"int8 lost {100 * drop:.2f} points <= max_accuracy_drop "
+                             f"{100 * q.max_accuracy_drop:.2f}")
+        record["size_bytes"] = (tmp / MODEL_FILE).stat().st_size
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        write_json(tmp / QUANTIZE_FILE, record)
+    sizes, acc = record["sizes"], record["accuracy"]
+    metrics = {"size_bytes": float(record["size_bytes"]),
+               "fp32_bytes": float(sizes["fp32_bytes"]),
+               "int8_bytes": float(sizes["int8_bytes"]),
+               "val_accuracy_fp32": acc["fp32"], "val_accuracy_int8": acc["int8"],
+               "kept_int8": 1.0 if record["kept"] == "int8" else 0.0}
+    summary = (f"{q.method}: {sizes['fp32_bytes'] / 1e6:.2f} MB -> "
+               f"{sizes['int8_bytes'] / 1e6:.2f} MB, validation accuracy "
+               f"{acc['fp32']:.2%} -> {acc['int8']:.2%}; kept {record['kept']}")
+    return StepResult("quantize", out_dir, metrics, [out_dir / QUANTIZE_FILE], summary)
+
+
+def _check_inputs(export_dir: Path, prepared_dir: Path) -> None:
+    for path, hint in ((export_dir / MODEL_FILE, "run `kdpipe export` first"),
+                       (prepared_dir / "validation.parquet", "run `kdpipe ingest` first")):
+        if not path.is_file():
+            raise KdpipeError(f"{path}: not found; {hint}")
+
+
+def quantize_model(cfg: Config, fp32: Path, out: Path, export_dir: Path,
+                   prepared_dir: Path, scratch: Path) -> dict[str, Any]:
+    """Write the quantized ``fp32`` to ``out``; return what to record about how."""
+    method = cfg.quantize.method
+    if method == "none":
+        shutil.copyfile(fp32, out)
+        return {}
+    if method == "torch_dynamic":
+        raise KdpipeError("quantize.method torch_dynamic is not supported for ONNX export yet; "
+                          "use ort_dynamic, ort_static, fp16 or none")
+    if method == "fp16":
+        return _fp16(fp32, out)
+    from kdpipe.telemetry import disable_onnxruntime_telemetry
+
+    disable_onnxruntime_telemetry()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if method == "ort_dynamic":
+        # The exported graph may hold ONNX Runtime's fused operators, whose outputs shape
+        # inference cannot type: they are float.
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8,
+                         extra_options=_FLOAT_DEFAULT)
+        return {}
+    if method == "ort_static":
+        return _static(cfg, fp32, out, export_dir, prepared_dir, scratch)
+    raise KdpipeError(f"quantize.method {method!r}: unknown")
+
+
+def _fp16(fp32: Path, out: Path) -> dict[str, Any]:
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise KdpipeError("quantize.method fp16 needs onnxconverter-common: "
+                          "`pip install onnxconverter-common`") from None
+    import onnx
+
+    model = float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    onnx.save(model, str(out))
+    return {}
+
+
+def _static(cfg: Config, fp32: Path, out: Path, export_dir: Path, prepared_dir: Path,
+            scratch: Path) -> dict[str, Any]:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    q = cfg.quantize
+    train_path = prepared_dir / "train.parquet"
+    if not train_path.is_file():
+        raise KdpipeError(f"{train_path}: not found; static quantization calibrates on train "
+                          "texts (run `kdpipe ingest` first)")
+    texts = list(read_split(train_path).texts)[: q.calibration_batches * CALIBRATION_BATCH]
+    if not texts:
+        raise KdpipeError(f"{train_path}: no rows to calibrate on")
+    predictor = Predictor(export_dir, batch_size=CALIBRATION_BATCH)
+    feeds = list(predictor.encode(texts))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = iter(feeds)
+
+    source, pre = fp32, {"ran": False, "why": None}
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    failures = []
+    for skip_symbolic in (False, True):  # ORT's fused operators defeat symbolic inference
+        prepped = scratch / "preprocessed.onnx"
+        try:
+            # Its symbolic shape inference leaves temporary files in the working folder.
+            with contextlib.chdir(scratch):
+                quant_pre_process(str(fp32.resolve()), str(prepped),
+                                  skip_symbolic_shape=skip_symbolic)
+        except Exception as exc:  # noqa: BLE001 -- optional step: recorded and skipped
+            failures.append(f"{'without' if skip_symbolic else 'with'} symbolic shape "
+                            f"inference: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        source = prepped
+        pre = {"ran": True, "skip_symbolic_shape": skip_symbolic}
+        break
+    pre["why"] = "; ".join(failures) or None
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    def quantize(extra: dict[str, Any]) -> None:
+        quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[q.calibration],
+                        nodes_to_exclude=list(q.exclude_nodes) or None,
+                        extra_options={**_FLOAT_DEFAULT, **extra})
+
+    bias = {"quantized": True, "why": None}
+    try:
+        quantize({})
+    except ValueError as exc:  # a bias whose input has no scale (after a fused operator)
+        bias = {"quantized": False, "why": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        quantize({"QuantizeBias": False})
+    return {"pre_process": pre, "bias": bias, "calibration_texts": len(texts),
+            "calibration_batches": len(feeds), "exclude_nodes": list(q.exclude_nodes)}
+
+
+def accuracy(predictor: Predictor, split: Any) -> float:
+    """Share of ``split``'s texts whose argmax label id equals the gold label id."""
+    predicted = predictor.logits(list(split.texts)).argmax(1)
+    return float((predicted == np.asarray(split.labels, dtype=np.int64)).mean())

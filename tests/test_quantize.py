@@ -1,0 +1,142 @@
+"""The quantize step: dynamic int8 shrinks the model and still agrees with fp32; static QDQ
+calibrates and inserts QuantizeLinear; the accuracy gate keeps fp32 when int8 loses too
+much; ``none`` copies unchanged; the output folder stands alone."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import separable_rows, write_csv
+from kdpipe.config import validate
+from kdpipe.errors import KdpipeError
+from kdpipe.models.students import build_student, save_student
+from kdpipe.models.teacher import load_tokenizer
+from kdpipe.serve import Predictor
+from kdpipe.steps import export, ingest, quantize
+
+SMALL_STUDENT = {"arch": "textcnn", "embedding_dim": 64, "textcnn": {"num_filters": 8}}
+TEXTS = ["a lovely film", "the phone was broken and sad", "good", "awful awful plot"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_bert):
+    """(cfg, exported textcnn folder): ingest of a 200-row CSV, an untrained textcnn built
+    from the tiny teacher, exported once for the module."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("quantize")
+    raw = {"work_dir": str(root / "work"), "tracking": {"enabled": False},
+           "data": {"source": str(write_csv(root / "d.csv", separable_rows(200)))},
+           "teacher": {"checkpoint": str(tiny_bert)}, "ingest": {"max_length": 32},
+           "student": SMALL_STUDENT}
+    cfg = validate(raw, "test")
+    ingest.run(cfg, cfg.paths.prepared)
+    tokenizer = load_tokenizer(str(tiny_bert))
+    torch.manual_seed(0)
+    model = build_student(cfg.student, 2, tiny_bert, tokenizer.pad_token_id, len(tokenizer))
+    save_student(model, root / "student")
+    tokenizer.save_pretrained(root / "student")
+    export.run(cfg, root / "student", cfg.paths.prepared, root / "export")
+    return cfg, root / "export"
+
+
+def with_quantize(cfg, **update):
+    return cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update=update)})
+
+
+def record(folder):
+    return json.loads((folder / "quantize.json").read_text())
+
+
+def test_ort_dynamic_is_smaller_and_agrees(exported, tmp_path):
+    cfg, folder = exported
+    result = quantize.run(with_quantize(cfg, max_accuracy_drop=1.0), folder,
+                          cfg.paths.prepared, tmp_path / "q")
+    out = tmp_path / "q"
+    fp32_size = (folder / "model.onnx").stat().st_size
+    assert (out / "model.onnx").stat().st_size < fp32_size
+    assert result.metrics["kept_int8"] == 1.0
+    assert result.metrics["size_bytes"] == (out / "model.onnx").stat().st_size
+    assert result.metrics["fp32_bytes"] == fp32_size
+    rec = record(out)
+    assert rec["method"] == "ort_dynamic" and rec["kept"] == "int8"
+    assert rec["sizes"]["int8_bytes"] < rec["sizes"]["fp32_bytes"]
+    texts = TEXTS * 5 + [f"word {i} and more" for i in range(20)]
+    fp32 = Predictor(folder, threads=1).logits(texts)
+    int8 = Predictor(out, threads=1).logits(texts)
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.8
+    assert np.abs(fp32 - int8).max() < 0.5
+
+
+def test_ort_static_minmax_inserts_qdq(exported, tmp_path):
+    cfg, folder = exported
+    cfg = with_quantize(cfg, method="ort_static", calibration="minmax",
+                        calibration_batches=2, max_accuracy_drop=1.0)
+    result = quantize.run(cfg, folder, cfg.paths.prepared, tmp_path / "q")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    rec = record(tmp_path / "q")
+    assert rec["calibration"] == "minmax" and rec["kept"] == "int8"
+    assert rec["calibration_batches"] == 2 and rec["calibration_texts"] <= 64
+    assert rec["pre_process"]["ran"] or rec["pre_process"]["why"]
+    assert result.metrics["kept_int8"] == 1.0
+    assert Predictor(tmp_path / "q", threads=1).predict_proba(TEXTS).shape == (4, 2)
+
+
+def test_gate_keeps_fp32_when_int8_loses_too_much(exported, tmp_path):
+    cfg, folder = exported
+    # max_accuracy_drop=-1 (bypassing validation) demands int8 beat fp32 by 100 points.
+    q = cfg.quantize.model_copy(update={"max_accuracy_drop": -1.0})
+    result = quantize.run(cfg.model_copy(update={"quantize": q}), folder,
+                          cfg.paths.prepared, tmp_path / "q")
+    assert (tmp_path / "q" / "model.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
+    rec = record(tmp_path / "q")
+    assert rec["kept"] == "fp32"
+    assert rec["why"].startswith("int8 lost") and "> max_accuracy_drop" in rec["why"]
+    assert result.metrics["kept_int8"] == 0.0
+    assert result.metrics["size_bytes"] == result.metrics["fp32_bytes"]
+    assert result.metrics["int8_bytes"] < result.metrics["fp32_bytes"]
+
+
+def test_none_copies_unchanged_and_others_are_copied_as_is(exported, tmp_path):
+    cfg, folder = exported
+    result = quantize.run(with_quantize(cfg, method="none"), folder, cfg.paths.prepared,
+                          tmp_path / "q")
+    for path in folder.iterdir():
+        assert (tmp_path / "q" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == sorted(
+        [p.name for p in folder.iterdir()] + ["quantize.json"])
+    assert result.metrics["val_accuracy_fp32"] == result.metrics["val_accuracy_int8"]
+    assert result.metrics["kept_int8"] == 1.0
+
+
+def test_output_folder_is_self_contained(exported, tmp_path):
+    cfg, folder = exported
+    source = shutil.copytree(folder, tmp_path / "export")
+    quantize.run(cfg, source, cfg.paths.prepared, tmp_path / "q")
+    before = Predictor(tmp_path / "q", threads=1).predict_proba(TEXTS)
+    moved = shutil.copytree(tmp_path / "q", tmp_path / "elsewhere" / "model")
+    shutil.rmtree(source)
+    shutil.rmtree(tmp_path / "q")
+    np.testing.assert_array_equal(Predictor(moved, threads=1).predict_proba(TEXTS), before)
+
+
+@pytest.mark.parametrize("method,message", [
+    ("torch_dynamic", "not supported for ONNX export yet"),
+    ("fp16", "pip install onnxconverter-common"),
+])
+def test_unsupported_methods_are_clear_errors(exported, tmp_path, method, message):
+    cfg, folder = exported
+    if method == "fp16":
+        try:
+            import onnxconverter_common  # noqa: F401
+            pytest.skip("onnxconverter-common is installed")
+        except ImportError:
+            pass
+    with pytest.raises(KdpipeError, match=message):
+        quantize.run(with_quantize(cfg, method=method), folder, cfg.paths.prepared,
+                     tmp_path / "q")
+    assert not (tmp_path / "q").exists()
