@@ -81,6 +81,32 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
+def prepared_config(root: Path, teacher: Path, **sections: object) -> Config:
+    """A tracking-off config (tiny teacher, max_length 32, ``sections`` merged in) whose
+    work_dir holds the ingested 200-row separable CSV."""
+    from kdpipe.steps import ingest
+
+    raw = {"work_dir": str(root / "work"), "tracking": {"enabled": False},
+           "data": {"source": str(write_csv(root / "d.csv", separable_rows(200)))},
+           "teacher": {"checkpoint": str(teacher)}, "ingest": {"max_length": 32}, **sections}
+    cfg = validate(raw, "test")
+    ingest.run(cfg, cfg.paths.prepared)
+    return cfg
+
+
+def save_fresh_student(folder: Path, student_cfg, teacher: Path, tokenizer, seed: int = 0) -> Path:
+    """An untrained student built from ``teacher`` (seeded), saved with the tokenizer."""
+    import torch
+
+    from kdpipe.models.students import build_student, save_student
+
+    torch.manual_seed(seed)
+    model = build_student(student_cfg, 2, teacher, tokenizer.pad_token_id, len(tokenizer))
+    save_student(model, folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_bert: Path):
     from kdpipe.models.teacher import load_tokenizer

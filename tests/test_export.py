@@ -10,15 +10,15 @@ import onnx
 import pytest
 import torch
 
-from conftest import separable_rows, write_csv
-from kdpipe.config import validate
+from conftest import prepared_config, save_fresh_student
+from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.models.students import build_student, load_student, save_student
+from kdpipe.models.students import load_student
 from kdpipe.models.teacher import load_tokenizer
 from kdpipe.onnx_utils import exportable, ort_session
 from kdpipe.serve import Predictor
 from kdpipe.serve import load_tokenizer as load_folder_tokenizer
-from kdpipe.steps import export, ingest
+from kdpipe.steps import export
 
 ARCHS = ["textcnn", "bilstm", "transformer"]
 SMALL_STUDENT = {"embedding_dim": 16, "textcnn": {"num_filters": 8},
@@ -28,21 +28,11 @@ SMALL_STUDENT = {"embedding_dim": 16, "textcnn": {"num_filters": 8},
 def make_students(root, tiny_bert):
     """Prepared data (ingest of a 200-row CSV) and one saved student folder per arch, built
     straight from the tiny teacher (no training: export only needs a fixed module)."""
-    raw = {"work_dir": str(root / "work"), "tracking": {"enabled": False},
-           "data": {"source": str(write_csv(root / "d.csv", separable_rows(200)))},
-           "teacher": {"checkpoint": str(tiny_bert)}, "ingest": {"max_length": 32},
-           "student": SMALL_STUDENT}
-    cfg = validate(raw, "test")
-    ingest.run(cfg, cfg.paths.prepared)
+    cfg = prepared_config(root, tiny_bert, student=SMALL_STUDENT)
     tokenizer = load_tokenizer(str(tiny_bert))
-    folders = {}
-    for arch in ARCHS:
-        student_cfg = validate({**raw, "student": {**SMALL_STUDENT, "arch": arch}}, "t").student
-        torch.manual_seed(0)
-        model = build_student(student_cfg, 2, tiny_bert, tokenizer.pad_token_id, len(tokenizer))
-        folders[arch] = root / arch
-        save_student(model, folders[arch])
-        tokenizer.save_pretrained(folders[arch])
+    folders = {arch: save_fresh_student(
+        root / arch, StudentConfig.model_validate({**SMALL_STUDENT, "arch": arch}), tiny_bert,
+        tokenizer) for arch in ARCHS}
     return cfg, folders
 
 

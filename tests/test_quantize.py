@@ -10,13 +10,11 @@ import onnx
 import pytest
 import torch
 
-from conftest import separable_rows, write_csv
-from kdpipe.config import validate
+from conftest import prepared_config, save_fresh_student
 from kdpipe.errors import KdpipeError
-from kdpipe.models.students import build_student, save_student
 from kdpipe.models.teacher import load_tokenizer
 from kdpipe.serve import Predictor
-from kdpipe.steps import export, ingest, quantize
+from kdpipe.steps import export, quantize
 
 SMALL_STUDENT = {"arch": "textcnn", "embedding_dim": 64, "textcnn": {"num_filters": 8}}
 TEXTS = ["a lovely film", "the phone was broken and sad", "good", "awful awful plot"]
@@ -28,17 +26,8 @@ def exported(tmp_path_factory, tiny_bert):
     from the tiny teacher, exported once for the module."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("quantize")
-    raw = {"work_dir": str(root / "work"), "tracking": {"enabled": False},
-           "data": {"source": str(write_csv(root / "d.csv", separable_rows(200)))},
-           "teacher": {"checkpoint": str(tiny_bert)}, "ingest": {"max_length": 32},
-           "student": SMALL_STUDENT}
-    cfg = validate(raw, "test")
-    ingest.run(cfg, cfg.paths.prepared)
-    tokenizer = load_tokenizer(str(tiny_bert))
-    torch.manual_seed(0)
-    model = build_student(cfg.student, 2, tiny_bert, tokenizer.pad_token_id, len(tokenizer))
-    save_student(model, root / "student")
-    tokenizer.save_pretrained(root / "student")
+    cfg = prepared_config(root, tiny_bert, student=SMALL_STUDENT)
+    save_fresh_student(root / "student", cfg.student, tiny_bert, load_tokenizer(str(tiny_bert)))
     export.run(cfg, root / "student", cfg.paths.prepared, root / "export")
     return cfg, root / "export"
 
