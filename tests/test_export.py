@@ -70,7 +70,7 @@ def test_each_student_exports_with_parity(exported, students, arch):
     assert result.metrics["onnx_bytes"] == (folder / "model.onnx").stat().st_size
     record = json.loads((folder / "export.json").read_text())
     assert record["parity"]["rows"] == 20 and record["parity"]["passed"]
-    assert (record["opset"], record["optimize"], record["max_length"]) == (17, "extended", 32)
+    assert (record["opset"], record["optimize"], record["max_length"]) == (17, "basic", 32)
     graph = onnx.load(str(folder / "model.onnx")).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in graph.output] == ["logits"]  # no features, no hidden states

@@ -60,6 +60,36 @@ def test_ort_dynamic_is_smaller_and_agrees(exported, tmp_path):
     assert np.abs(fp32 - int8).max() < 0.5
 
 
+def ops_of(folder):
+    return {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
+
+
+def test_dynamic_quantizes_convolutions_of_the_default_export(exported, tmp_path):
+    # export.optimize=basic keeps plain Conv, so the TextCNN's filters become integer ops.
+    cfg, folder = exported
+    assert "Conv" in ops_of(folder)
+    quantize.run(with_quantize(cfg, max_accuracy_drop=1.0), folder, cfg.paths.prepared,
+                 tmp_path / "q")
+    assert "ConvInteger" in ops_of(tmp_path / "q") and "Conv" not in ops_of(tmp_path / "q")
+    assert record(tmp_path / "q")["left_in_float"] == []
+
+
+def test_op_types_limit_what_is_quantized_and_fused_ops_are_reported(exported, tmp_path):
+    cfg, folder = exported
+    quantize.run(with_quantize(cfg, max_accuracy_drop=1.0, op_types=["Gather"]), folder,
+                 cfg.paths.prepared, tmp_path / "g")
+    ops = ops_of(tmp_path / "g")
+    assert "Conv" in ops and "ConvInteger" not in ops
+    assert record(tmp_path / "g")["op_types"] == ["Gather"]
+    fused = tmp_path / "fused"
+    export.run(cfg.model_copy(update={"export": cfg.export.model_copy(
+        update={"optimize": "extended"})}), cfg.paths.root.parent / "student", cfg.paths.prepared,
+        fused)
+    quantize.run(with_quantize(cfg, max_accuracy_drop=1.0), fused, cfg.paths.prepared,
+                 tmp_path / "q")
+    assert "FusedConv" in record(tmp_path / "q")["left_in_float"]
+
+
 def test_ort_static_minmax_inserts_qdq(exported, tmp_path):
     cfg, folder = exported
     cfg = with_quantize(cfg, method="ort_static", calibration="minmax",

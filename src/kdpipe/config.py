@@ -266,7 +266,8 @@ class PruneConfig(Section):
 class ExportConfig(Section):
     opset: int = Field(17, ge=17, le=23)
     optimize: Literal["none", "basic", "extended", "all"] = Field(
-        "extended", description="ONNX Runtime graph optimisation level saved into the file."
+        "basic", description="ONNX Runtime graph optimisation saved into the file; above "
+        "basic it holds ORT-only fused operators that the quantizer cannot touch."
     )
     parity_tolerance: float = Field(1e-4, gt=0, description="Max |logit difference| allowed.")
     tensorrt: bool = Field(True, description="Build a TensorRT engine where TensorRT exists.")
@@ -278,9 +279,56 @@ class QuantizeConfig(Section):
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_batches: int = Field(16, ge=1, description="Batches of train texts (static).")
     exclude_nodes: list[str] = Field([], description="ONNX node names left in float.")
+    op_types: list[str] = Field(
+        [], description="ONNX operator types to quantize, e.g. [Gather, MatMul] (empty: "
+        "ONNX Runtime's default set for the method)."
+    )
     max_accuracy_drop: float = Field(
         0.005, ge=0, description="Keep fp32 if int8 loses more validation accuracy than this."
     )
+
+
+class EvaluateConfig(Section):
+    models: list[Literal["teacher", "teacher_int8", "student", "pruned", "quantized"]] = Field(
+        ["teacher", "teacher_int8", "student", "pruned", "quantized"],
+        description="Models compared side by side; the teacher is the reference for ratios.",
+    )
+    split: Literal["validation", "test"] = "validation"
+    max_rows: int | None = Field(
+        None, ge=1, description="Evaluate on the first N rows only (null: the whole split)."
+    )
+    ece_bins: int = Field(15, ge=2, description="Bins of the expected calibration error.")
+    threads: int = Field(1, ge=1, description="Threads for every latency measurement.")
+    latency_batch_sizes: list[int] = Field([1, 32], min_length=1)
+    latency_warmup: int = Field(5, ge=0, description="Untimed calls before timing.")
+    latency_repeats: int = Field(50, ge=1, description="Timed calls per batch size.")
+
+
+class GateConfig(Section):
+    """A candidate is promoted to ``champion`` only if it passes every threshold."""
+
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="On the evaluate split.")
+    min_teacher_retention: float = Field(
+        0.0, ge=0, le=1.5, description="Candidate accuracy / teacher accuracy."
+    )
+    max_latency_p50_ms: float | None = Field(
+        None, gt=0, description="Batch-1 p50 latency, tokenization included (null: no limit)."
+    )
+    max_size_bytes: int | None = Field(None, gt=0, description="Model folder size (null: no limit).")
+    max_regression: float = Field(
+        0.005, ge=0, description="Largest accuracy loss against the current champion, "
+        "both measured on the same split."
+    )
+
+
+class RegistryConfig(Section):
+    model_name: str = Field("kdpipe-student", min_length=1,
+                            description="Registered model name in the MLflow registry.")
+    candidate: Literal["quantized", "exported"] = Field(
+        "quantized", description="Which model folder is registered."
+    )
+    auto_promote: bool = Field(True, description="Promote through the gate at the end of a run.")
+    gate: GateConfig = GateConfig()
 
 
 class Config(Section):
@@ -297,6 +345,8 @@ class Config(Section):
     prune: PruneConfig = PruneConfig()
     export: ExportConfig = ExportConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")
     def _splits_differ(self) -> Config:
@@ -357,6 +407,16 @@ class Layout:
     @property
     def quantized(self) -> Path:
         return self.root / "quantized"
+
+    @property
+    def evaluation(self) -> Path:
+        """metrics.json, the comparison table, plots, and the teacher's ONNX folders."""
+        return self.root / "evaluation"
+
+    @property
+    def registration(self) -> Path:
+        """register.json: the version registered and the gate's decision."""
+        return self.root / "register"
 
     @property
     def metrics(self) -> Path:

@@ -8,8 +8,11 @@ whose module maps the tokenizer's ids through its ``vocab_remap`` buffer first) 
   dynamic), output ``logits`` (batch x labels, float32); traced with the TorchScript
   exporter at ``export.opset`` (above 20, its limit, at 20 and converted with
   ``onnx.version_converter``), checked with ``onnx.checker``, then optimised by ONNX
-  Runtime at ``export.optimize`` and saved as one file (weights inside). Levels above
-  ``basic`` may use ONNX Runtime's own operators, so the file is meant for ONNX Runtime.
+  Runtime at ``export.optimize`` and saved as one file (weights inside). The default,
+  ``basic``, keeps standard ONNX operators (constant folding, redundant nodes removed): the
+  file stays quantizable and TensorRT-readable, and ONNX Runtime still applies its fusions
+  when a session loads it. ``extended``/``all`` save ONNX Runtime's own fused operators
+  (e.g. ``FusedConv``), which the quantizer leaves in float and only ONNX Runtime runs.
 - the tokenizer files, ``labels.json``;
 - ``export.json``: how the file was made (opset, optimisation, max_length, size, versions),
   the parity report, and the TensorRT status;
