@@ -31,9 +31,23 @@ def _runs(uri):
     return client, client.search_runs([experiment.experiment_id])
 
 
-def test_pipeline_run_has_a_nested_run_per_step_with_params_and_data_card(tracked):
+SECRET = "s3cr3t-t0ken-do-not-log"
+
+
+def _files_holding(root, needle: bytes):
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_pipeline_run_has_a_nested_run_per_step_with_params_and_data_card(
+        tracked, tmp_path, monkeypatch):
     invoke, uri = tracked
+    # Secrets a user's shell typically holds must not reach params, tags, logs or artifacts.
+    for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD",
+                 "KFP_API_TOKEN"):
+        monkeypatch.setenv(name, SECRET)
     result = invoke("run")
+    assert SECRET not in result.output
+    assert _files_holding(tmp_path, SECRET.encode()) == []
     assert "kdpipe run" in result.output
     client, runs = _runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.config import Config
+from kdpipe.errors import KdpipeError
 from kdpipe.steps import StepResult
 
 PARENT_ENV = "KDPIPE_PARENT_RUN_ID"
@@ -32,6 +34,48 @@ def tracking_uri(cfg: Config) -> str:
     return "sqlite:///" + str(cfg.paths.mlflow_db.resolve())
 
 
+# A remote store is probed before any work starts: MLflow's own client retries for minutes
+# (MLFLOW_HTTP_REQUEST_MAX_RETRIES with exponential backoff) before it reports a dead server.
+PROBE_TRIES = 3
+PROBE_TIMEOUT_S = 3.0
+_reachable: set[str] = set()
+
+
+def check_reachable(uri: str, tries: int = PROBE_TRIES, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ``KdpipeError`` (one line) when an http(s) tracking server does not answer its
+    ``/health`` endpoint after ``tries`` attempts; other stores (SQLite, files) pass."""
+    if not uri.startswith(("http://", "https://")) or uri in _reachable:
+        return
+    import requests
+
+    url = uri.rstrip("/") + "/health"
+    problem = ""
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(0.5 * 2 ** (attempt - 1))
+        try:
+            response = requests.get(url, timeout=timeout)
+        except requests.RequestException as exc:
+            problem = type(exc).__name__
+            continue
+        if response.status_code < 500:
+            _reachable.add(uri)
+            return
+        problem = f"HTTP {response.status_code}"
+    raise KdpipeError(f"MLflow tracking server {redact(uri)} is unreachable ({problem} after "
+                      f"{tries} tries); start it, fix MLFLOW_TRACKING_URI / tracking.uri, or "
+                      "run with -S tracking.enabled=false")
+
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(value: str) -> str:
+    """``value`` with any URL credentials (``scheme://user:token@host``) replaced by ``***``,
+    so a data source or store URI never carries a secret into params, tags or logs."""
+    return _USERINFO.sub(r"\g<scheme>***@", value)
+
+
 def configure(cfg: Config) -> str:
     """Point MLflow at the store and experiment of ``cfg``; returns the experiment id."""
     import logging
@@ -42,6 +86,7 @@ def configure(cfg: Config) -> str:
     for name in ("mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri(cfg)
+    check_reachable(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
@@ -63,7 +108,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
         else:
-            out[name] = str(value)
+            out[name] = redact(str(value))
     return out
 
 
