@@ -131,3 +131,74 @@ def test_hidden_matching_needs_the_transformer_student(pipeline_dir, tmp_path):
     with pytest.raises(KdpipeError, match="needs student.arch=transformer"):
         _distill(cfg, fractions, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _stop_at_evaluation(n):
+    """A log_metric that raises at the n-th student evaluation (0-based epoch n)."""
+    seen = []
+
+    def log(name, value, step):
+        if name == "eval/student_accuracy":
+            seen.append(step)
+            if len(seen) == n + 1:
+                raise Interrupted
+    return log
+
+
+@pytest.mark.parametrize("settings", [
+    {"student": {"arch": "textcnn"}, "ema": {"weight": 0.5}, "feature": {"weight": 0.5}},
+    {"student": {"arch": "bilstm"}, "crd": {"weight": 0.1, "negatives": "memory_bank"},
+     "early_stopping_patience": 1},
+], ids=["textcnn+ema+feature", "bilstm+crd-bank"])
+def test_interrupted_distillation_resumes_to_the_same_student(pipeline_dir, tmp_path, settings):
+    cfg, fractions = _config(pipeline_dir, tmp_path, **json.loads(json.dumps(settings)))
+    p = cfg.paths
+    whole = distill.run(cfg, p.prepared, p.soft_labels, fractions, p.teacher, tmp_path / "whole")
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupted):  # dies while evaluating epoch 3: epochs 1-2 are saved
+        distill.run(cfg, p.prepared, p.soft_labels, fractions, p.teacher, tmp_path / "out",
+                    log_metric=_stop_at_evaluation(2), checkpoint_dir=ckpt)
+    assert (ckpt / "state.json").is_file() and not (tmp_path / "out").exists()
+    resumed = distill.run(cfg, p.prepared, p.soft_labels, fractions, p.teacher,
+                          tmp_path / "out", checkpoint_dir=ckpt)
+
+    record = json.loads((tmp_path / "out" / "distill.json").read_text())
+    assert record["resumed_at_epoch"] == 2
+    assert not ckpt.exists()
+    assert resumed.metrics["val_accuracy"] == whole.metrics["val_accuracy"]
+    reference = json.loads((tmp_path / "whole" / "distill.json").read_text())
+    assert record["evaluations"] == reference["evaluations"]
+    assert record["loss"] == reference["loss"]
+    assert ((tmp_path / "out" / "model.safetensors").read_bytes()
+            == (tmp_path / "whole" / "model.safetensors").read_bytes())
+
+
+def test_damaged_or_foreign_distill_checkpoint_is_not_used(pipeline_dir, tmp_path, caplog):
+    import logging
+
+    cfg, fractions = _config(pipeline_dir, tmp_path)
+    p = cfg.paths
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupted):
+        distill.run(cfg, p.prepared, p.soft_labels, fractions, p.teacher, tmp_path / "out",
+                    log_metric=_stop_at_evaluation(1), checkpoint_dir=ckpt)
+    weights = ckpt / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
+        distill.run(cfg, p.prepared, p.soft_labels, fractions, p.teacher, tmp_path / "out",
+                    checkpoint_dir=ckpt)
+    assert "checkpoint damaged" in caplog.text
+    assert json.loads((tmp_path / "out" / "distill.json").read_text())["resumed_at_epoch"] is None
+
+    with pytest.raises(Interrupted):
+        distill.run(cfg, p.prepared, p.soft_labels, fractions, p.teacher, tmp_path / "o2",
+                    log_metric=_stop_at_evaluation(1), checkpoint_dir=ckpt)
+    other, _ = _config(pipeline_dir, tmp_path, lr=5e-3)
+    distill.run(other, p.prepared, p.soft_labels, fractions, p.teacher, tmp_path / "o2",
+                checkpoint_dir=ckpt)
+    assert json.loads((tmp_path / "o2" / "distill.json").read_text())["resumed_at_epoch"] is None

@@ -158,7 +158,7 @@ def test_changed_settings_do_not_resume(teacher_config, tmp_path, caplog):
 
     changed = teacher_config(**{"teacher.checkpoint_every_steps": 4, "teacher.epochs": 1,
                                 "teacher.lr": 2e-3})
-    with caplog.at_level(logging.INFO, logger="kdpipe.steps.teacher"):
+    with caplog.at_level(logging.INFO, logger="kdpipe"):
         train(changed, tmp_path / "out", tmp_path / "ckpt")
 
     assert "made from other data or settings" in caplog.text
@@ -194,7 +194,7 @@ def test_damaged_checkpoint_is_reported_and_not_used(teacher_config, tmp_path, c
     else:
         (ckpt / "state.json").write_text("{\"format\": 1, \"fingerp")
 
-    with caplog.at_level(logging.WARNING, logger="kdpipe.steps.teacher"):
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
         train(cfg, tmp_path / "out", ckpt)
     train(cfg, tmp_path / "reference", tmp_path / "ckpt-reference")
 

@@ -385,6 +385,11 @@ class Layout:
         return self.root / "checkpoints" / "teacher"
 
     @property
+    def distill_checkpoints(self) -> Path:
+        """Distillation's state after its last finished epoch, to resume from."""
+        return self.root / "checkpoints" / "distill"
+
+    @property
     def soft_labels(self) -> Path:
         return self.root / "soft_labels"
 

@@ -61,7 +61,8 @@ def _distill(cfg: Config, log_metric: LogMetric | None) -> StepResult:
 
     paths = cfg.paths
     return distill.run(cfg, paths.prepared, paths.soft_labels, paths.fractions, paths.teacher,
-                       paths.student, log_metric=log_metric)
+                       paths.student, log_metric=log_metric,
+                       checkpoint_dir=paths.distill_checkpoints)
 
 
 def _prune(cfg: Config, log_metric: LogMetric | None) -> StepResult:

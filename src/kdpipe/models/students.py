@@ -192,8 +192,9 @@ def save_student(model: nn.Module, folder: Path) -> None:
         raise ValueError("save_student: model has no student_record; make it with "
                          "build_student or load_student")
     with atomic_dir(Path(folder)) as tmp:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt",
-                                                             "arch": record["arch"]})
+        # One metadata key only: safetensors writes several in hash order, so the same
+        # weights would give different bytes and DVC would rerun every later stage.
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 

@@ -18,6 +18,7 @@ best on validation is saved.
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdpipe import losses
+from kdpipe import distill_checkpoint, losses
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.batching import bucketed_batches
 from kdpipe.config import Config
@@ -86,11 +87,17 @@ class Trainer:
     pending: list[dict[str, float]] = field(default_factory=list)  # losses not yet averaged
     history: dict[str, list[dict[str, Any]]] = field(
         default_factory=lambda: {"loss": [], "evaluations": []})
+    resumed_at: int | None = None  # the epoch a resumed run went on from
 
 
 def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: Path,
-        teacher_dir: Path, out_dir: Path, log_metric: LogMetric | None = None) -> StepResult:
+        teacher_dir: Path, out_dir: Path, log_metric: LogMetric | None = None,
+        checkpoint_dir: Path | None = None) -> StepResult:
     """Distil ``cfg.student`` from the cached teacher outputs into ``out_dir``.
+
+    With ``checkpoint_dir`` the state is saved after every epoch and a rerun resumes after
+    the last finished one (``kdpipe.distill_checkpoint``); it is deleted once ``out_dir``
+    is written.
 
     Metrics: ``val_accuracy``/``val_macro_f1`` of the saved model, ``epochs_run``,
     ``train_seconds``, ``params`` (student parameters), ``from_ema`` (1 if the EMA copy won).
@@ -102,7 +109,11 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
         torch.manual_seed(cfg.seed)
         t = make_trainer(cfg, data, Path(teacher_dir), tokenizer,
                          steps=planned_steps(cfg, data, Path(fractions_dir)))
-        best = train(t, Path(fractions_dir), log_metric)
+        resumable = None
+        if checkpoint_dir is not None:
+            resumable = (Path(checkpoint_dir),
+                         distill_checkpoint.fingerprint(cfg, Path(soft_labels_dir)))
+        best = train(t, Path(fractions_dir), log_metric, resumable)
     seconds = time.perf_counter() - start
     with atomic_dir(out_dir) as tmp:
         save_student(best["model"], tmp)
@@ -110,7 +121,9 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
         write_json(tmp / "distill.json", {
             "best": {k: v for k, v in best.items() if k != "model"},
             "params": count_parameters(best["model"]),
-            "seconds": round(seconds, 1), **t.history})
+            "seconds": round(seconds, 1), "resumed_at_epoch": t.resumed_at, **t.history})
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     metrics = {"val_accuracy": best["accuracy"], "val_macro_f1": best["macro_f1"],
                "epochs_run": float(len({e["epoch"] for e in t.history["evaluations"]})),
                "train_seconds": seconds,
@@ -217,14 +230,21 @@ def hidden_teacher(cfg: Config, student: nn.Module,
     return teacher, [tuple(p) for p in pairs]
 
 
-def train(t: Trainer, fractions_dir: Path, log_metric: LogMetric | None) -> dict[str, Any]:
-    """Epochs with early stopping; returns the best model and its scores."""
+def train(t: Trainer, fractions_dir: Path, log_metric: LogMetric | None,
+          resumable: tuple[Path, str] | None = None) -> dict[str, Any]:
+    """Epochs with early stopping; returns the best model and its scores. ``resumable``:
+    (checkpoint folder, fingerprint) to resume from and save into after each epoch."""
     d = t.cfg.distill
     best: dict[str, Any] = {"accuracy": -1.0}
-    stale = 0
+    stale, first = 0, 0
+    if resumable is not None:
+        restored = distill_checkpoint.resume(t, *resumable)
+        if restored is not None:
+            first, best, stale = restored
+            t.resumed_at = first
     with progress_bar() as bar:
         task = bar.add_task("distill", total=None)
-        for epoch in range(d.epochs):
+        for epoch in range(first, d.epochs):
             indices, weights = fractionate.load(fractions_dir, epoch)
             terms = losses.LossTerms.for_epoch(d, epoch)
             batches = epoch_batches(t, indices, weights, epoch)
@@ -244,6 +264,8 @@ def train(t: Trainer, fractions_dir: Path, log_metric: LogMetric | None) -> dict
                 stale += 1
                 if d.early_stopping_patience and stale >= d.early_stopping_patience:
                     break
+            if resumable is not None and epoch < d.epochs - 1:
+                distill_checkpoint.save(t, *resumable, epoch, best, stale)
     return best
 
 

@@ -16,11 +16,9 @@ counters are JSON. The checkpoint is deleted once the output is written.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
-import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -31,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kdpipe import checkpoints
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.batching import bucketed_batches, encode, token_counts
 from kdpipe.config import Config, TeacherConfig
@@ -61,10 +59,6 @@ LOSS_POINTS = 200
 # Settings that change how a run is carried out but not what it computes: a resumed run may
 # change them (another machine, a different save interval) and still continue.
 RUN_ONLY_SETTINGS = ("checkpoint_every_steps", "num_threads")
-# What reading a damaged checkpoint can raise: truncated or missing files, a format the
-# loaders reject, weights that do not fit the model.
-CHECKPOINT_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError,
-                     pickle.UnpicklingError, SafetensorError, KdpipeError)
 
 Progress = Callable[[int, int, dict[str, float]], None]
 LogMetric = Callable[[str, float, int], None]
@@ -184,9 +178,8 @@ def load_data(prepared_dir: Path) -> TeacherData:
 def fingerprint(cfg: Config, content_hash: str) -> str:
     """sha256 of what training computes from: data, token limit, teacher settings, seed."""
     settings = cfg.teacher.model_dump(mode="json", exclude=set(RUN_ONLY_SETTINGS))
-    blob = json.dumps({"data": content_hash, "max_length": cfg.ingest.max_length,
-                       "teacher": settings, "seed": cfg.seed}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return checkpoints.fingerprint({"data": content_hash, "max_length": cfg.ingest.max_length,
+                                    "teacher": settings, "seed": cfg.seed})
 
 
 def make_plan(cfg: TeacherConfig, steps_per_epoch: int) -> Plan:
@@ -270,36 +263,17 @@ def resume(t: Training) -> bool:
     A checkpoint of another fingerprint is deleted; a damaged one is reported with a
     warning, deleted and not used.
     """
-    folder = t.checkpoint_dir
-    if not folder.exists():
+    saved = checkpoints.read_state(t.checkpoint_dir, CHECKPOINT_FORMAT, t.fingerprint,
+                                   "training")
+    if saved is None:
         return False
     try:
-        saved = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        same = (saved["format"], saved["fingerprint"]) == (CHECKPOINT_FORMAT, t.fingerprint)
-    except CHECKPOINT_ERRORS as exc:
-        return discard(folder, f"damaged ({describe(exc)})")
-    if not same:
-        log.info("%s: made from other data or settings; training from scratch", folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        return False
-    try:
-        load_checkpoint(t, saved["state"])
-    except CHECKPOINT_ERRORS as exc:
-        return discard(folder, f"damaged ({describe(exc)})")
+        load_checkpoint(t, saved)
+    except checkpoints.CHECKPOINT_ERRORS as exc:
+        return checkpoints.discard(t.checkpoint_dir, f"damaged ({checkpoints.describe(exc)})")
     t.state.resumed_from.append(t.state.step)
     log.info("teacher: resuming from step %d of %d", t.state.step, t.plan.total_steps)
     return True
-
-
-def discard(folder: Path, why: str) -> bool:
-    log.warning("%s: checkpoint %s; training from scratch", folder, why)
-    shutil.rmtree(folder, ignore_errors=True)
-    return False
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def load_checkpoint(t: Training, saved_state: dict[str, Any]) -> None:
@@ -320,7 +294,7 @@ def load_checkpoint(t: Training, saved_state: dict[str, Any]) -> None:
     t.optimizer.load_state_dict(trainer["optimizer"])
     t.scheduler.load_state_dict(trainer["scheduler"])
     t.scaler.load_state_dict(trainer["scaler"])
-    set_rng_state(load_file(folder / "rng.safetensors"))
+    checkpoints.set_rng_state(load_file(folder / "rng.safetensors"))
     t.state, t.best_weights, t.mark = state, best, time.perf_counter()
 
 
@@ -333,24 +307,9 @@ def save_checkpoint(t: Training) -> None:
             save_file(t.best_weights, tmp / "best.safetensors")
         torch.save({"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
                     "scaler": t.scaler.state_dict()}, tmp / "optimizer.pt")
-        save_file(rng_state(), tmp / "rng.safetensors")
-        write_json(tmp / "state.json", {"format": CHECKPOINT_FORMAT,
-                                        "fingerprint": t.fingerprint, "state": asdict(t.state)})
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    """torch's CPU and CUDA generator states (dropout draws from them)."""
-    states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return states
-
-
-def set_rng_state(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["cpu"])
-    cuda = [states[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in states]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
+        save_file(checkpoints.rng_state(), tmp / "rng.safetensors")
+        write_json(tmp / checkpoints.STATE_FILE,
+                   checkpoints.state_record(CHECKPOINT_FORMAT, t.fingerprint, asdict(t.state)))
 
 
 def tick(t: Training) -> None:
