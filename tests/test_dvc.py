@@ -42,7 +42,8 @@ def test_dvc_stages_match_the_pipeline_and_layout():
         assert stage["cmd"].split()[:2] == ["kdpipe", step.command]
         outs = [Path(o.replace("${work_dir}", params["work_dir"])) for o in stage["outs"]]
         folder = {"ingest": "prepared", "fractionate": "fractions", "distill": "student",
-                  "prune": "pruned", "export": "exported", "quantize": "quantized"}
+                  "prune": "pruned", "export": "exported", "quantize": "quantized",
+                  "evaluate": "evaluation"}
         expected = getattr(layout, folder.get(step.name, step.name))
         assert all(out == expected or out.parent == expected for out in outs)
         metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage["metrics"]]

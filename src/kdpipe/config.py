@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from kdpipe.errors import ConfigError
 
@@ -299,7 +299,7 @@ class EvaluateConfig(Section):
     )
     ece_bins: int = Field(15, ge=2, description="Bins of the expected calibration error.")
     threads: int = Field(1, ge=1, description="Threads for every latency measurement.")
-    latency_batch_sizes: list[int] = Field([1, 32], min_length=1)
+    latency_batch_sizes: list[PositiveInt] = Field([1, 32], min_length=1)
     latency_warmup: int = Field(5, ge=0, description="Untimed calls before timing.")
     latency_repeats: int = Field(50, ge=1, description="Timed calls per batch size.")
 

@@ -86,6 +86,14 @@ def _quantize(cfg: Config, log_metric: LogMetric | None) -> StepResult:
     return quantize.run(cfg, paths.exported, paths.prepared, paths.quantized)
 
 
+def _evaluate(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import evaluate
+
+    paths = cfg.paths
+    return evaluate.run(cfg, paths.prepared, paths.teacher, paths.student, paths.pruned,
+                        paths.quantized, paths.evaluation, log_metric=log_metric)
+
+
 STEPS: tuple[Step, ...] = (
     Step("ingest", "Read, check and split the data; write Parquet splits and a data card.",
          _ingest),
@@ -103,6 +111,8 @@ STEPS: tuple[Step, ...] = (
          _export),
     Step("quantize", "Quantize the ONNX student (int8 by default) behind an accuracy gate.",
          _quantize),
+    Step("evaluate", "Compare every model side by side: accuracy, calibration, latency, size.",
+         _evaluate),
 )
 
 
