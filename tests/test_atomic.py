@@ -47,3 +47,21 @@ def test_atomic_file_leaves_nothing_when_writing_fails(tmp_path):
         raise ValueError("boom")
     assert target.read_text() == "before"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_leftovers_of_a_killed_writer_are_swept_but_a_live_writers_are_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / f".out.tmp-{dead}-abc").mkdir()          # a folder being written when killed
+    (tmp_path / f".out.old-{dead}").mkdir()              # the previous version set aside
+    (tmp_path / f".out.tmp-{dead}-x1").write_text("half")  # an atomic_file's temp file
+    live = tmp_path / f".out.tmp-{os.getpid()}-live"     # another writer, still running
+    live.mkdir()
+    (tmp_path / ".outer.tmp-1-x").mkdir()                # a different target's: not ours
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".outer.tmp-1-x", live.name, "out"])

@@ -7,6 +7,7 @@ file system is atomic, so no reader (DVC, a later step, a rerun) ever sees half 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -24,7 +25,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    sweep(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs are shared
     try:
         yield tmp
@@ -47,7 +49,8 @@ def atomic_file(target: Path, mode: str = "w", encoding: str | None = "utf-8") -
     """Open a temporary sibling of ``target`` for writing; rename it into place on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    sweep(target)
+    fd, name = tempfile.mkstemp(prefix=_prefix(target), dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_umask())
@@ -67,6 +70,35 @@ def write_json(target: Path, data: Any) -> None:
     with atomic_file(target) as handle:
         json.dump(data, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
+
+
+def _prefix(target: Path) -> str:
+    # The writer's pid in the name tells a killed writer's leftovers from a live one's.
+    return f".{target.name}.tmp-{os.getpid()}-"
+
+
+def sweep(target: Path) -> None:
+    """Remove what writers of ``target`` that were killed (SIGKILL, power loss) left beside
+    it: temporary folders/files and a previous version set aside, when their process is gone."""
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        kind, _, rest = leftover.name[len(target.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:
