@@ -75,6 +75,18 @@ def _dvc_site_cache(tmp_path_factory: pytest.TempPathFactory):
     os.environ.pop("DVC_SITE_CACHE_DIR", None)
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI for subprocesses; without this a
+    store one test used would leak into the next test's subprocesses as if a user chose it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a tiny BERT checkpoint folder (do not modify; copy it first)."""

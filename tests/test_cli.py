@@ -1,3 +1,4 @@
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -29,3 +30,107 @@ def test_help_lists_every_step_and_version():
     for step in STEPS:
         assert step.command in result.stdout
     assert CliRunner().invoke(app, ["--version"]).stdout.strip() == f"kdpipe {__version__}"
+
+
+# --- kdpipe promote / kdpipe models ------------------------------------------------------
+
+REGISTERED = "kdpipe-student"  # registry.model_name's default
+
+
+@pytest.fixture
+def fake_registry(tmp_path, tmp_path_factory, monkeypatch):
+    """A SQLite store holding two versions with key-metric tags (accuracy 0.81 and 0.84;
+    v2 is the challenger) and no champion: promotions need no model download."""
+    from mlflow import MlflowClient
+
+    from test_registry import sqlite_store
+
+    uri = sqlite_store(tmp_path / "mlflow.db", tmp_path_factory.getbasetemp())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    client.create_registered_model(REGISTERED)
+    for accuracy in (0.81, 0.84):
+        client.create_model_version(REGISTERED, source="file:///nowhere", tags={
+            "kdpipe.accuracy": str(accuracy), "kdpipe.teacher_accuracy": "0.9",
+            "kdpipe.retention": str(accuracy / 0.9), "kdpipe.size_bytes": "4100000",
+            "kdpipe.latency_b1_p50_ms": "0.31"})
+    client.set_registered_model_alias(REGISTERED, "challenger", "2")
+    return client
+
+
+def champion_of(client):
+    return client.get_registered_model(REGISTERED).aliases.get("champion")
+
+
+def test_models_lists_versions_with_metrics_and_aliases(fake_registry):
+    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    v1 = next(line for line in lines if "81.00%" in line)
+    v2 = next(line for line in lines if "84.00%" in line)
+    assert "challenger" in v2 and "challenger" not in v1
+    assert "93.33%" in v2 and "4.10" in v2 and "0.31" in v2
+
+
+def test_promote_refused_by_the_gate_exits_2_and_says_why(fake_registry):
+    result = CliRunner().invoke(app, ["promote", "-S", "registry.gate.min_accuracy=0.9"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "min_accuracy" in result.stdout and "FAIL" in result.stdout
+    assert "v2 not promoted, no champion: accuracy 84.00% < minimum 90.00%" in result.stdout
+    assert champion_of(fake_registry) is None
+
+
+def test_promote_through_the_gate_then_forced_rollback(fake_registry):
+    passed = CliRunner().invoke(app, ["promote"], env={"COLUMNS": "200"})
+    assert passed.exit_code == 0, passed.output
+    assert "v2 promoted to champion" in passed.stdout and "no champion yet" in passed.stdout
+    assert champion_of(fake_registry) == 2
+    # v1 fails min_accuracy, and (no prepared data here) cannot be compared with v2: forced.
+    forced = CliRunner().invoke(app, ["promote", "--version", "1", "--force", "-S",
+                                      "registry.gate.min_accuracy=0.9"],
+                                env={"COLUMNS": "200"})
+    assert forced.exit_code == 0, forced.output
+    assert "v1 FORCED to champion past the gate" in forced.stdout
+    assert champion_of(fake_registry) == 1
+    tags = fake_registry.get_model_version(REGISTERED, "1").tags
+    assert tags["kdpipe.forced_promotion"] == "true" and tags["kdpipe.gate"] == "refused"
+    again = CliRunner().invoke(app, ["promote", "--version", "1"])
+    assert again.exit_code == 0 and "v1 already is the champion" in again.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["promote", "--version", "7"], "error: version 7 of registered model 'kdpipe-student': "
+                                    "not found in sqlite:///"),
+    (["models", "-S", "registry.model_name=nope"], "error: registered model 'nope': not found"),
+])
+def test_registry_errors_are_one_line_exit_1(fake_registry, args, message):
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 1
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist; nothing is registered there"),
+    ("garbage", "cannot be opened: (sqlite3.DatabaseError) file is not a database"),
+])
+def test_missing_or_broken_store_is_one_line_exit_1(tmp_path, monkeypatch, content, message):
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "mlflow.db"
+    if content is not None:
+        db.write_text(content)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    for command in (["models"], ["promote"]):
+        result = CliRunner().invoke(app, command, env={"COLUMNS": "300"})
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"error: MLflow store sqlite:///{db}")
+        assert message in result.stderr and result.stderr.count("\n") == 1
+    assert db.exists() == (content is not None)  # listing never creates a store
+
+
+def test_promote_help_documents_exit_codes():
+    result = CliRunner().invoke(app, ["promote", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "2 the gate refused" in result.stdout and "--force" in result.stdout

@@ -43,7 +43,7 @@ def test_dvc_stages_match_the_pipeline_and_layout():
         outs = [Path(o.replace("${work_dir}", params["work_dir"])) for o in stage["outs"]]
         folder = {"ingest": "prepared", "fractionate": "fractions", "distill": "student",
                   "prune": "pruned", "export": "exported", "quantize": "quantized",
-                  "evaluate": "evaluation"}
+                  "evaluate": "evaluation", "register": "registration"}
         expected = getattr(layout, folder.get(step.name, step.name))
         assert all(out == expected or out.parent == expected for out in outs)
         metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage["metrics"]]
@@ -62,6 +62,7 @@ def _fresh_clone(tmp_path: Path, teacher: Path) -> Path:
     params["teacher"].update(checkpoint=str(teacher), epochs=1)
     params["student"]["embedding_dim"] = 16
     params["distill"]["epochs"] = 1
+    params["evaluate"].update(latency_repeats=2, latency_warmup=0)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=clone)
     sh("git", "add", "-A", cwd=clone)
@@ -82,9 +83,14 @@ def test_dvc_repro_and_exp_run_in_a_fresh_clone(tmp_path, tiny_bert):
     metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=clone).stdout)
     shown = json.dumps(metrics)
     assert "val_accuracy" in shown and "kept_fraction" in shown
-    sh("dvc", "exp", "run", "-S", "ingest.max_length=64", cwd=clone)
-    card = json.loads((clone / "work/prepared/data_card.json").read_text())
-    assert card["token_length"]["max_length"] == 64
+    # A distill setting changes: DVC reruns distill and what follows, not the teacher.
+    teacher_made = (clone / "work/teacher/model.safetensors").stat().st_mtime_ns
+    student_made = (clone / "work/student/model.safetensors").stat().st_mtime_ns
+    out = sh("dvc", "exp", "run", "-S", "distill.lr=0.001", cwd=clone).stdout
+    assert "Stage 'teacher' didn't change, skipping" in out
+    assert (clone / "work/teacher/model.safetensors").stat().st_mtime_ns == teacher_made
+    assert (clone / "work/student/model.safetensors").stat().st_mtime_ns != student_made
+    assert yaml.safe_load((clone / "params.yaml").read_text())["distill"]["lr"] == 0.001
 
 
 def test_raw_data_versioned_with_dvc_pushed_pulled_and_read_at_a_revision(

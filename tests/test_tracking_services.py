@@ -75,3 +75,15 @@ def test_credentials_in_urls_are_redacted_from_params():
     assert params == {"data.source": "https://***@example.org/d.csv",
                       "tracking.uri": "http://***@127.0.0.1:5000"}
     assert tracking.redact("data/reviews.csv") == "data/reviews.csv"
+
+
+def test_a_uri_mlflow_exported_itself_does_not_outrank_the_next_config(tmp_path, monkeypatch,
+                                                                       make_config):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = make_config(**{"work_dir": str(tmp_path / "a")})
+    second = make_config(**{"work_dir": str(tmp_path / "b")})
+    tracking.configure(first)  # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI
+    assert tracking.tracking_uri(second).endswith(str(tmp_path / "b" / "mlflow.db"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(tmp_path / "user.db"))
+    tracking.configure(second)
+    assert tracking.tracking_uri(first) == "sqlite:///" + str(tmp_path / "user.db")  # the user's

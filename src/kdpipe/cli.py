@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
+from enum import Enum
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -107,15 +108,29 @@ for _step in STEPS:
     _register_step(_step)
 
 
+class Runner(str, Enum):
+    local = "local"
+    kfp_local = "kfp-local"
+
+
 @app.command()
 @friendly_errors
-def run(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+def run(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    runner: Annotated[Runner, typer.Option(
+        help="local: each step in this process. kfp-local: the Kubeflow DAG, one subprocess "
+        "per task (kfp.local, offline); same outputs under work_dir.")] = Runner.local,
+) -> None:
     """Run every step in order, tracked as one MLflow parent run, and print a summary."""
     from kdpipe import tracking
 
     cfg = load_config(params, set_)
     if cfg.data.source == "demo":
         err.print(DEMO_NOTICE)
+    if runner is Runner.kfp_local:
+        _run_kfp_local(cfg)
+        return
     rows = []
     with tracking.pipeline_run(cfg) as run_id:
         for index, step in enumerate(STEPS, start=1):
@@ -130,11 +145,82 @@ def run(params: ParamsOpt = None, set_: SetOpt = None) -> None:
         table.add_row(*row)
     out.print(table)
     if run_id:
-        from kdpipe.tracking import tracking_uri
+        _print_mlflow_run(cfg, run_id)
 
-        out.print(f"MLflow run {run_id} in {tracking_uri(cfg)} "
-                  f"(browse: mlflow ui --backend-store-uri {tracking_uri(cfg)})",
-                  highlight=False, soft_wrap=True)
+
+def _print_mlflow_run(cfg: Config, run_id: str) -> None:
+    from kdpipe.tracking import redact, tracking_uri
+
+    uri = redact(tracking_uri(cfg))
+    out.print(f"MLflow run {run_id} in {uri} (browse: mlflow ui --backend-store-uri {uri})",
+              highlight=False, soft_wrap=True)
+
+
+def _run_kfp_local(cfg: Config) -> None:
+    from kdpipe.kfp.local import run_local
+
+    log_path = cfg.paths.root / "kfp-local.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    err.print(f"[bold]▶ kfp-local[/] [dim]the Kubeflow DAG in local subprocesses; kfp's log: "
+              f"{log_path}[/]", highlight=False)
+    with log_path.open("w", encoding="utf-8") as log:
+        done = run_local(cfg, log=log)
+    table = Table(title="kdpipe run --runner kfp-local")
+    table.add_column("step")
+    table.add_column("output")
+    for step, folder in done.outputs.items():
+        table.add_row(step, str(folder))
+    out.print(table)
+    out.print("registered: yes" if done.registered else
+              "registered: no (the gate refused; see the log)")
+    if done.mlflow_run_id:
+        _print_mlflow_run(cfg, done.mlflow_run_id)
+
+
+@app.command("compile")
+@friendly_errors
+def compile_(
+    output: Annotated[Path, typer.Option("--output", "-o", help="IR YAML to write.")] = Path(
+        "pipelines/kdpipe.yaml"),
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Compile the Kubeflow pipeline (IR YAML) with params.yaml's values as its defaults."""
+    from kdpipe.kfp.pipeline import compile_pipeline
+
+    path = compile_pipeline(output, load_config(params, set_))
+    out.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def submit(
+    host: Annotated[str, typer.Option(
+        help="Kubeflow Pipelines endpoint, e.g. http://localhost:8080 (kubectl port-forward) "
+        "or https://kubeflow.example.com/pipeline.", show_default=False)],
+    experiment: Annotated[str, typer.Option(help="KFP experiment to file the run under.")] = (
+        "kdpipe"),
+    run_name: Annotated[str | None, typer.Option(help="Name of the run.")] = None,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Rerun every task instead of reusing cached results.")] = False,
+    namespace: Annotated[str | None, typer.Option(
+        help="Kubeflow profile namespace (multi-user installs).")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Start the pipeline on a Kubeflow cluster with these settings.
+
+    Credentials come from the environment only: KF_PIPELINES_TOKEN (a bearer token) or
+    KF_PIPELINES_SA_TOKEN_PATH (a service-account token file). MLflow must be a server the
+    pods can reach: -S tracking.uri=http://mlflow.example:5000.
+    """
+    from kdpipe.kfp.submit import submit as submit_run
+
+    cfg = load_config(params, set_)
+    done = submit_run(host, experiment, cfg, run_name=run_name,
+                      enable_caching=False if no_cache else None, namespace=namespace)
+    out.print(f"run {done.run_id} in experiment {done.experiment}: {done.url}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -151,6 +237,80 @@ def predict(
 
     for text, prediction in zip(texts, Predictor(model).predict(texts), strict=True):
         typer.echo(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))
+
+
+GATE_REFUSED = 2  # exit code of `kdpipe promote` when the gate says no: not an error
+
+
+@app.command(
+    help="Move the registry alias 'champion' to a version, through the promotion gate.\n\n"
+    "The gate checks the registry.gate thresholds against the version's metrics, and its "
+    "accuracy against the current champion's, both measured now on the same prepared rows.",
+    epilog="Exit codes: 0 promoted (or already the champion); 2 the gate refused (the table "
+    "says why); 1 an error (no such model or version, store unreachable, prepared data "
+    "missing).")
+@friendly_errors
+def promote(
+    version: Annotated[int | None, typer.Option(
+        "--version", min=1, show_default=False,
+        help="Version to promote (default: the one aliased 'challenger'); an older "
+        "version rolls back.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Promote even if the gate refuses; the version is tagged "
+        "kdpipe.forced_promotion=true with who and when.")] = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    from kdpipe.registry.promotion import promote as promote_version
+
+    cfg = load_config(params, set_)
+    result = promote_version(cfg, version=version, force=force)
+    if result.decision is not None:
+        table = Table(title=f"promotion gate: {result.name} v{result.version}")
+        for column in ("check", "result", "reason"):
+            table.add_column(column)
+        for check in result.decision.checks:
+            table.add_row(check.name, "[green]pass[/]" if check.passed else "[red]FAIL[/]",
+                          check.message)
+        out.print(table)
+    colour = "green" if result.promoted else "yellow"
+    out.print(f"[{colour}]{result.summary()}[/]", highlight=False, soft_wrap=True)
+    if result.decision is not None and not result.promoted:
+        raise typer.Exit(GATE_REFUSED)
+
+
+@app.command()
+@friendly_errors
+def models(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """List the registered versions of registry.model_name: aliases and key metrics."""
+    import datetime as dt
+
+    from kdpipe.registry.promotion import list_models
+    from kdpipe.tracking import redact, tracking_uri
+
+    cfg = load_config(params, set_)
+    versions = list_models(cfg)
+    table = Table(title=f"{cfg.registry.model_name} in {redact(tracking_uri(cfg))}")
+    for column in ("version", "aliases", "accuracy", "macro F1", "retention",
+                   "p50 b1 ms", "size MB", "gate", "created"):
+        table.add_column(column, overflow="fold")
+    for v in versions:
+        m = v.metrics
+        created = dt.datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M")
+        table.add_row(str(v.version), ", ".join(v.aliases) or "–", _share(m.accuracy),
+                      _number(m.macro_f1, "{:.4f}"), _share(m.retention),
+                      _number(m.latency_b1_p50_ms, "{:.3g}"),
+                      _number(None if m.size_bytes is None else m.size_bytes / 1e6, "{:.2f}"),
+                      v.tags.get("kdpipe.gate", "–"), created)
+    out.print(table)
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2%}"
+
+
+def _number(value: float | None, pattern: str) -> str:
+    return "–" if value is None else pattern.format(value)
 
 
 @app.command()

@@ -3,8 +3,8 @@
 - ``exportable(model)``: a copy of a student that returns logits only and that the
   TorchScript-based ONNX exporter can trace (the BiLSTM's ``pack_padded_sequence`` is swapped
   for an equivalent masked computation; see ``MaskedLSTM``).
-- ``ort_session`` / ``save_optimized``: ONNX Runtime sessions with telemetry off, and the
-  graph optimisation saved into a file.
+- ``ort_session`` / ``save_optimized`` / ``ORT_LEVELS``: re-exported from ``kdpipe.ort``,
+  the torch-free ONNX Runtime module that serving uses.
 - ``build_tensorrt_engine``: imports TensorRT itself, so call it only once
   ``tensorrt_unavailable()`` returned None.
 """
@@ -25,14 +25,15 @@ from torch import Tensor, nn
 
 from kdpipe.errors import KdpipeError
 
+# The ONNX Runtime half lives in kdpipe.ort (torch-free, for serving); its names stay
+# importable from here.
+from kdpipe.ort import ORT_LEVELS, import_onnxruntime, ort_session, save_optimized  # noqa: F401
+from kdpipe.ort import first_line as _first_line
+
 # The TorchScript exporter's newest opset (torch 2.13); newer ones are reached by converting
 # its graph with onnx.version_converter (it would otherwise stamp a newer number on opset-20
 # operators, with a warning).
 TORCHSCRIPT_MAX_OPSET = 20
-
-# params.yaml export.optimize -> onnxruntime.GraphOptimizationLevel member
-ORT_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
 # --- PyTorch -> ONNX ----------------------------------------------------------------------
@@ -193,61 +194,6 @@ def export_onnx(model: nn.Module, example: tuple[Tensor, Tensor], path: Path,
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise KdpipeError(f"{path}: exported ONNX graph is invalid: {exc}") from None
-
-
-# --- ONNX Runtime -------------------------------------------------------------------------
-
-def import_onnxruntime() -> Any:
-    """onnxruntime, with its telemetry switched off (it has no environment switch)."""
-    import onnxruntime
-
-    from kdpipe.telemetry import disable_onnxruntime_telemetry
-
-    disable_onnxruntime_telemetry()
-    return onnxruntime
-
-
-def ort_session(path: Path, threads: int | None = None, optimize: str = "all",
-                optimized_path: Path | None = None) -> Any:
-    """A CPU ``InferenceSession`` on ``path``; ``threads`` intra-op threads (None: ORT's
-    default, one per core). With ``optimized_path`` the graph, optimised at ``optimize``
-    (a key of ``ORT_LEVELS``), is also written there, as one self-contained file."""
-    ort = import_onnxruntime()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[optimize])
-    options.log_severity_level = 3  # errors only; ORT warns about every unused initializer
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        raise KdpipeError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from None
-
-
-def save_optimized(source: Path, target: Path, optimize: str) -> None:
-    """Write ``source`` optimised by ONNX Runtime at level ``optimize`` to ``target``, with
-    every weight inside the file (no external data)."""
-    import shutil
-
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    if optimize == "none":
-        shutil.copyfile(source, target)
-    else:
-        ort_session(source, threads=1, optimize=optimize, optimized_path=target)
-    graph = onnx.load(str(target), load_external_data=False).graph
-    if any(uses_external_data(t) for t in graph.initializer):
-        raise KdpipeError(f"{target}: ONNX Runtime wrote weights to an external file; "
-                          "this model is too large for a single-file export")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- TensorRT -----------------------------------------------------------------------------

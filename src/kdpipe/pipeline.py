@@ -94,6 +94,14 @@ def _evaluate(cfg: Config, log_metric: LogMetric | None) -> StepResult:
                         paths.quantized, paths.evaluation, log_metric=log_metric)
 
 
+def _register(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import register
+
+    paths = cfg.paths
+    return register.run(cfg, register.candidate_folder(cfg), paths.evaluation, paths.prepared,
+                        paths.registration)
+
+
 STEPS: tuple[Step, ...] = (
     Step("ingest", "Read, check and split the data; write Parquet splits and a data card.",
          _ingest),
@@ -113,6 +121,8 @@ STEPS: tuple[Step, ...] = (
          _quantize),
     Step("evaluate", "Compare every model side by side: accuracy, calibration, latency, size.",
          _evaluate),
+    Step("register", "Register the student in the MLflow registry; promote it through the gate.",
+         _register),
 )
 
 

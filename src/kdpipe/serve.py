@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kdpipe.errors import KdpipeError
-from kdpipe.onnx_utils import ort_session
+from kdpipe.ort import ort_session
 
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.json"

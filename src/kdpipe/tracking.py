@@ -24,10 +24,15 @@ PARENT_ENV = "KDPIPE_PARENT_RUN_ID"
 LogMetric = Callable[[str, float, int], None]
 
 
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (for its subprocesses); a value
+# that kdpipe set itself is not the user's choice and must not outrank the next config.
+_set_by_us: str | None = None
+
+
 def tracking_uri(cfg: Config) -> str:
     """MLFLOW_TRACKING_URI if set, else params' tracking.uri, else SQLite in work_dir."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
+    if env and env != _set_by_us:
         return env
     if cfg.tracking.uri:
         return cfg.tracking.uri
@@ -89,7 +94,11 @@ def configure(cfg: Config) -> str:
     check_reachable(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    global _set_by_us
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if before != uri and os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        _set_by_us = uri
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id

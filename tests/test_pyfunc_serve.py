@@ -1,0 +1,246 @@
+"""The pyfunc model: serving imports no PyTorch; predict takes raw text in the accepted shapes
+and refuses others with MLflow's INVALID_PARAMETER_VALUE; the registered champion loads in a
+fresh process (PyTorch blocked, kdpipe taken from the model's own code copy) and answers
+with labels and probabilities; ``mlflow models serve`` answers /invocations with raw text
+and a malformed body with a 4xx."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from test_registry import (keyword_model, metrics_entry, prepared_labels, registry_config,
+                           sqlite_store, write_metrics)
+
+NAME = "served-clf"
+TEXTS = ["a lovely film", "the phone was broken and sad", "good"]
+EXPECTED = ["pos", "neg", "pos"]
+
+
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_serving_modules_do_not_import_torch():
+    done = run_python("""
+        import sys
+        import kdpipe.serve, kdpipe.ort, kdpipe.registry.pyfunc
+        print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def keyword_folder(tmp_path_factory, tiny_bert):
+    root = tmp_path_factory.mktemp("pyfunc")
+    return keyword_model(root / "model", tiny_bert, ["neg", "pos"])
+
+
+@pytest.fixture(scope="module")
+def classifier(keyword_folder):
+    from kdpipe.registry.pyfunc import ARTIFACT, TextClassifier
+
+    model = TextClassifier()
+    model.load_context(SimpleNamespace(artifacts={ARTIFACT: str(keyword_folder)}))
+    return model
+
+
+@pytest.mark.parametrize("given", [
+    pd.DataFrame({"text": TEXTS}),
+    TEXTS,
+    {"text": TEXTS},
+    np.array(TEXTS),
+    pd.DataFrame({"text": [TEXTS]}),  # what MLflow's schema enforcement makes of a dict
+])
+def test_predict_accepts_raw_text_shapes(classifier, given):
+    out = classifier.predict(None, given)
+    assert list(out.columns) == ["label", "score", "prob_neg", "prob_pos"]
+    assert out["label"].tolist() == EXPECTED
+    np.testing.assert_allclose(out[["prob_neg", "prob_pos"]].sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out["score"], out[["prob_neg", "prob_pos"]].max(axis=1))
+
+
+def test_no_texts_give_no_rows_with_the_same_columns(classifier):
+    for empty in ([], {"text": []}, pd.DataFrame({"text": [[]]})):
+        out = classifier.predict(None, empty)
+        assert len(out) == 0 and list(out.columns) == ["label", "score", "prob_neg", "prob_pos"]
+
+
+@pytest.mark.parametrize("given,message", [
+    (5, "expected a DataFrame with a 'text' column, a list of strings or {'text': [...]}, "
+        "got int"),
+    (pd.DataFrame({"body": ["x"]}), "input has no 'text' column (columns: ['body'])"),
+    ({"body": ["x"]}, "input has no 'text' key (keys: ['body'])"),
+    (["fine", 3], "text 1 is int, not a string"),
+    ({"text": 3}, "'text' must be a string or a list of strings, got int"),
+    (pd.DataFrame({"text": ["ok", None]}), "text 1 is missing (null)"),
+    ([None], "text 0 is missing (null)"),
+])
+def test_predict_refuses_other_input_as_invalid_parameter(classifier, given, message):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as caught:
+        classifier.predict(None, given)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert caught.value.message == message
+
+
+@pytest.fixture(scope="module")
+def champion_store(tmp_path_factory, tiny_bert):
+    """A SQLite store whose NAME@champion is the keyword model, registered by the step."""
+    from kdpipe.steps import register
+
+    root = tmp_path_factory.mktemp("served")
+    uri = sqlite_store(root / "mlflow.db", tmp_path_factory.getbasetemp())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cfg = registry_config(root, tiny_bert, uri, registry={"model_name": NAME})
+        folder = keyword_model(root / "model", tiny_bert, prepared_labels(cfg))
+        evaluation = write_metrics(root / "evaluation", {"quantized": metrics_entry(1.0)})
+        result = register.run(cfg, folder, evaluation, cfg.paths.prepared, root / "register")
+    assert result.metrics["promoted"] == 1.0
+    return uri
+
+
+def test_signature_and_requirements_are_minimal(champion_store):
+    import mlflow
+
+    mlflow.set_tracking_uri(champion_store)
+    uri = f"models:/{NAME}@champion"
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.input_names() == ["text"]
+    assert info.signature.outputs.input_names() == ["label", "score", "prob_neg", "prob_pos"]
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+    names = sorted(r.split("==")[0] for r in requirements)
+    assert names == ["mlflow", "numpy", "onnxruntime", "pandas", "tokenizers", "transformers"]
+    assert all("==" in r for r in requirements)
+
+
+def test_champion_loads_in_a_fresh_process_without_torch(champion_store, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion_store,
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    done = run_python(f"""
+        import json, sys
+        sys.modules["torch"] = None  # loading must not need PyTorch
+        import mlflow.pyfunc, pandas as pd
+        model = mlflow.pyfunc.load_model("models:/{NAME}@champion")
+        out = model.predict(pd.DataFrame({{"text": {TEXTS!r}}}))
+        import kdpipe
+        print(json.dumps({{"rows": out.to_dict("records"), "kdpipe": kdpipe.__file__}}))
+    """, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["label"] for row in result["rows"]] == EXPECTED
+    for row in result["rows"]:
+        assert row["prob_neg"] + row["prob_pos"] == pytest.approx(1.0)
+        assert row["score"] == max(row["prob_neg"], row["prob_pos"])
+    # kdpipe came from the copy shipped inside the model, not from this checkout.
+    assert "/code/kdpipe/" in result["kdpipe"]
+    assert not result["kdpipe"].startswith(str(Path(__file__).parent.parent / "src"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only
+    request = urllib.request.Request(url, data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _wait_for_ping(url: str, proc: subprocess.Popen, log: Path, limit_s: float = 180) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow models serve exited {proc.returncode}:\n"
+                        f"{log.read_text()[-3000:]}")
+        try:
+            with opener.open(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"mlflow models serve did not answer /ping in {limit_s} s:\n"
+                f"{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The server and its uvicorn worker share the session started for them: stop the
+    group, then make sure."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_raw_text(champion_store, tmp_path):
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent  # serve runs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion_store,
+           "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for_ping(f"{base}/ping", proc, log)
+        split = {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}}
+        status, answer = _post(f"{base}/invocations", json.dumps(split).encode())
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert [row["label"] for row in rows] == EXPECTED
+        assert all(row["prob_neg"] + row["prob_pos"] == pytest.approx(1.0) for row in rows)
+        status, answer = _post(f"{base}/invocations",
+                               json.dumps({"inputs": {"text": TEXTS}}).encode())
+        assert status == 200 and [r["label"] for r in answer["predictions"]] == EXPECTED
+        status, answer = _post(f"{base}/invocations", b"{this is not json")
+        assert 400 <= status < 500 and answer["error_code"] == "BAD_REQUEST"
+        wrong = {"dataframe_split": {"columns": ["body"], "data": [["x"]]}}
+        status, answer = _post(f"{base}/invocations", json.dumps(wrong).encode())
+        assert 400 <= status < 500 and "text" in answer["message"]
+        # Past MLflow's schema check, the model's own refusal is a 400 too.
+        status, answer = _post(f"{base}/invocations",
+                               json.dumps({"dataframe_records": [{"text": None}]}).encode())
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "text 0 is missing (null)" in answer["message"]
+    finally:
+        _stop(proc)
+    assert proc.poll() is not None
