@@ -141,6 +141,11 @@ class SoftLabelsConfig(Section):
     )
     batch_size: int = Field(128, ge=1)
     features: bool = Field(True, description="Also store the teacher's [CLS] hidden state.")
+    shards: int = Field(
+        1, ge=1, le=256, description="Kubeflow pipeline: label in this many parallel tasks "
+        "(dsl.ParallelFor), merged into the arrays one task would make; kdpipe run and DVC "
+        "label in one process."
+    )
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -331,6 +336,29 @@ class RegistryConfig(Section):
     gate: GateConfig = GateConfig()
 
 
+class KfpConfig(Section):
+    """Kubeflow Pipelines: images and run options for `kdpipe submit` / `kdpipe compile`."""
+
+    cpu_image: str = Field(
+        "kdpipe:0.1.0", min_length=1,
+        description="Image of the CPU tasks (docker/Dockerfile). On a cluster use a "
+        "registry path pinned by digest (docker/build.sh prints it): KFP's cache keys on it.",
+    )
+    gpu_image: str = Field(
+        "kdpipe-gpu:0.1.0", min_length=1,
+        description="Image of the GPU tasks: teacher, soft-label shards, export "
+        "(docker/Dockerfile.gpu).",
+    )
+    enable_caching: bool = Field(
+        True, description="Reuse results of tasks whose inputs did not change; "
+        "-S kfp.enable_caching=false for one run."
+    )
+    pipeline_root: str | None = Field(
+        None, description="Where the run's artifacts go (e.g. s3://bucket/kdpipe); null: "
+        "the cluster's default."
+    )
+
+
 class Config(Section):
     seed: int = 42
     work_dir: Path = Path("work")
@@ -347,6 +375,7 @@ class Config(Section):
     quantize: QuantizeConfig = QuantizeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+    kfp: KfpConfig = KfpConfig()
 
     @model_validator(mode="after")
     def _splits_differ(self) -> Config:

@@ -1,0 +1,163 @@
+"""``run_local``: the Kubeflow DAG on this machine, one subprocess per task, offline.
+
+kfp's ``SubprocessRunner`` runs every task with this Python (``use_venv=False``: nothing is
+installed, nothing downloaded). Task outputs land in a scratch folder inside ``work_dir``;
+afterwards each step's output folder is moved to where ``kdpipe run`` writes it
+(``cfg.paths``) and its metrics to ``metrics/<step>.json``, so DVC, ``kdpipe predict`` and
+the rest find the same files either way. Tracking matches ``kdpipe run``: one MLflow parent
+run, each step's run nested under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from kdpipe.config import Config
+from kdpipe.errors import KdpipeError
+from kdpipe.kfp.adapter import ERRORS_ENV
+from kdpipe.kfp.pipeline import LAYOUT_OUTPUTS, STEP_COMPONENTS, build_pipeline, quiet_kfp
+
+
+@dataclass
+class LocalRun:
+    """What a local run produced: each step's folder in work_dir, and the MLflow run."""
+
+    outputs: dict[str, Path] = field(default_factory=dict)
+    registered: bool = False
+    mlflow_run_id: str | None = None
+
+
+def run_local(cfg: Config, log: TextIO | None = None) -> LocalRun:
+    """Run the whole DAG with ``kfp.local`` and put its outputs where ``kdpipe run`` does.
+
+    ``log`` receives kfp's account of the run and every task's output (long: each task
+    prints its inputs); None leaves it on stdout, as kfp prints it. A step that fails ends
+    the run with a ``KdpipeError`` naming the step (its own one-line message when it raised
+    one; the log has the rest). Register runs only when the gate passes; otherwise a stale
+    ``register`` folder (and its metrics) from an earlier run is removed.
+    """
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    # Inside work_dir: outputs are then moved into place by rename, never copied.
+    scratch = Path(tempfile.mkdtemp(prefix=".kfp-local-", dir=work))
+    errors = scratch / "errors.txt"
+    (scratch / "tmp").mkdir()
+    try:
+        with _tracking(cfg) as (run_id, tracking_env), _environ({
+            # Each task's `mktemp -d` (and tempfile) goes here, not to /tmp, and goes with it.
+            "TMPDIR": str(scratch / "tmp"), ERRORS_ENV: str(errors), **tracking_env,
+        }), quiet_kfp(), _redirected(log):
+            _run(cfg, scratch, errors)
+            outputs = _collect(cfg, _run_folder(scratch / "outputs"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return LocalRun(outputs, "registration" in outputs, run_id)
+
+
+def _run(cfg: Config, scratch: Path, errors: Path) -> None:
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(scratch / "outputs"),
+               workspace_root=str(scratch / "workspace"), raise_on_error=True)
+    pipeline = build_pipeline(cfg)
+    try:
+        pipeline()
+    except RuntimeError as exc:
+        lines = errors.read_text(encoding="utf-8").splitlines() if errors.is_file() else []
+        if lines:
+            raise KdpipeError(f"kfp-local: {lines[0]}") from None
+        raise KdpipeError(f"kfp-local: {_first_line(exc)} (the log has why)") from None
+
+
+def _run_folder(root: Path) -> Path:
+    runs = [path for path in root.iterdir() if path.is_dir()] if root.is_dir() else []
+    if len(runs) != 1:
+        raise KdpipeError(f"{root}: expected the outputs of one kfp-local run, found {len(runs)}")
+    return runs[0]
+
+
+def _collect(cfg: Config, run: Path) -> dict[str, Path]:
+    """Move each step's output folder and metrics file from the run folder to ``cfg.paths``."""
+    found = {(path.parent.name, path.name): path for path in run.rglob("*")
+             if (path.parent.name, path.name) in LAYOUT_OUTPUTS
+             or (path.name == "metrics" and path.is_file())}
+    outputs: dict[str, Path] = {}
+    for key, attribute in LAYOUT_OUTPUTS.items():
+        target = getattr(cfg.paths, attribute)
+        if key in found:
+            _replace(found[key], target)
+            outputs[attribute] = target
+        elif target.exists():
+            shutil.rmtree(target)  # a step this run skipped: its old output is not this run's
+    for step, component in STEP_COMPONENTS.items():
+        metrics, target = found.get((component, "metrics")), cfg.paths.metrics / f"{step}.json"
+        if metrics is not None:
+            _replace(metrics, target)
+        else:
+            target.unlink(missing_ok=True)
+    return outputs
+
+
+def _replace(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(source, target)
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _tracking(cfg: Config) -> Iterator[tuple[str | None, dict[str, str]]]:
+    """A parent MLflow run (as ``kdpipe run`` opens) and the environment that nests each
+    task's step run under it in the same store."""
+    from kdpipe import tracking
+
+    with tracking.pipeline_run(cfg, name="kfp-local") as run_id:
+        if run_id is None:
+            yield None, {}
+            return
+        yield run_id, {tracking.PARENT_ENV: run_id,
+                       "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg)}
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the task subprocesses, restoring them afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _redirected(log: TextIO | None) -> Iterator[None]:
+    """kfp prints task output, and logs its progress, to the sys.stdout of the moment."""
+    if log is None:
+        yield
+        return
+    with contextlib.redirect_stdout(log):
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # kfp colours its messages
+    return text.splitlines()[0] if text else type(exc).__name__
