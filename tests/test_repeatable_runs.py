@@ -43,7 +43,8 @@ def run_until(cmd: list[str], cwd: Path, kill_when) -> tuple[bool, str]:
     true. Returns (killed, stderr)."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True,
-                            env={**os.environ, "COLUMNS": "200"})
+                            env={**{k: v for k, v in os.environ.items()
+                                    if k != "MLFLOW_TRACKING_URI"}, "COLUMNS": "200"})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
