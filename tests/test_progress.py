@@ -20,6 +20,18 @@ def test_non_terminal_progress_logs_plain_lines(monkeypatch):
     assert lines[1].startswith("teacher: 2/4 (50%)") and lines[1].endswith("loss 0.25")
 
 
+def test_a_task_reset_for_the_next_epoch_logs_again(monkeypatch):
+    sink = io.StringIO()
+    monkeypatch.setattr(progress, "Console", lambda stderr: Console(file=sink, width=200))
+    monkeypatch.setattr(progress, "LOG_SECONDS", 0.0)
+    with progress.progress_bar() as bar:
+        task = bar.add_task("epoch 1/2", total=2)
+        bar.advance(task, 2)  # epoch 1 done: rich marks the task finished
+        bar.update(task, description="epoch 2/2", total=3, completed=0)
+        bar.advance(task)
+    assert sink.getvalue().splitlines()[-1].startswith("epoch 2/2: 1/3 (33%)")
+
+
 def test_terminal_progress_is_a_live_bar(monkeypatch):
     monkeypatch.setattr(progress, "Console",
                         lambda stderr: Console(file=io.StringIO(), force_terminal=True))

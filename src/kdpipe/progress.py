@@ -37,7 +37,9 @@ class _LoggedProgress(Progress):
             return
         self._last_log = now
         for task in self.tasks:
-            if task.finished or not task.total:
+            # Not ``task.finished``: rich never clears it, so a task reset for the next epoch
+            # (completed=0, a new total) would stay silent for the rest of the run.
+            if not task.total or task.completed >= task.total:
                 continue
             fields = "".join(f", {k} {v:.4g}" for k, v in task.fields.items()
                              if isinstance(v, float))
