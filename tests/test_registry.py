@@ -381,3 +381,33 @@ def test_tracking_off_skips_registration_and_says_so(env, tmp_path):
     record = json.loads((tmp_path / "register" / "register.json").read_text())
     assert record["skipped"].startswith("skipped: tracking.enabled is false")
     assert result.metrics == {"registered": 0.0} and "tracking.enabled" in result.summary
+
+
+def test_a_champion_whose_files_are_gone_is_refused_then_deleted_is_replaced(env, tmp_path):
+    """Corrupt registry state: the champion's artifacts deleted behind MLflow's back make the
+    gate refuse (never compare against nothing); once the version itself is deleted (its
+    aliases go with it) the next candidate is promoted as the first champion."""
+    import mlflow
+
+    from kdpipe.registry.promotion import promote
+    from kdpipe.registry.store import open_registry
+
+    cfg, root, folders = env
+    cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(
+        update={"model_name": "lost-champion"})})
+    first = read_record(register(cfg, root, folders["good"], 1.0, "lost-v1"))
+    assert first["champion_after"] == 1
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    source = client.get_model_version("lost-champion", "1").source
+    location = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    shutil.rmtree(location.removeprefix("file://"))
+
+    second = read_record(register(cfg, root, folders["good"], 1.0, "lost-v2"))
+    assert not second["promoted"] and second["champion_after"] == 1
+    regression = check(second, "max_regression")
+    assert not regression["passed"] and "v1" in regression["message"]
+
+    client.delete_model_version("lost-champion", "1")
+    assert "champion" not in open_registry(cfg).aliases("lost-champion")
+    again = promote(cfg, version=2)
+    assert again.promoted and again.champion_after == 2
