@@ -143,19 +143,22 @@ def test_output_folder_is_self_contained(exported, tmp_path):
     np.testing.assert_array_equal(Predictor(moved, threads=1).predict_proba(TEXTS), before)
 
 
-@pytest.mark.parametrize("method,message", [
-    ("torch_dynamic", "not supported for ONNX export yet"),
-    ("fp16", "pip install onnxconverter-common"),
-])
-def test_unsupported_methods_are_clear_errors(exported, tmp_path, method, message):
+def test_fp16_halves_the_weights_and_agrees(exported, tmp_path):
     cfg, folder = exported
-    if method == "fp16":
-        try:
-            import onnxconverter_common  # noqa: F401
-            pytest.skip("onnxconverter-common is installed")
-        except ImportError:
-            pass
-    with pytest.raises(KdpipeError, match=message):
-        quantize.run(with_quantize(cfg, method=method), folder, cfg.paths.prepared,
+    result = quantize.run(with_quantize(cfg, method="fp16", max_accuracy_drop=1.0), folder,
+                          cfg.paths.prepared, tmp_path / "q")
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    types = {init.data_type for init in model.graph.initializer if init.dims}
+    assert onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types
+    assert result.metrics["int8_bytes"] < 0.7 * result.metrics["fp32_bytes"]  # graph overhead aside
+    fp32 = Predictor(folder, threads=1).logits(TEXTS)
+    half = Predictor(tmp_path / "q", threads=1).logits(TEXTS)
+    assert half.dtype == np.float32 and np.abs(fp32 - half).max() < 1e-2
+
+
+def test_torch_dynamic_says_why_it_cannot_ship(exported, tmp_path):
+    cfg, folder = exported
+    with pytest.raises(KdpipeError, match="cannot be exported to ONNX"):
+        quantize.run(with_quantize(cfg, method="torch_dynamic"), folder, cfg.paths.prepared,
                      tmp_path / "q")
     assert not (tmp_path / "q").exists()

@@ -12,9 +12,11 @@ exported folder whose ``model.onnx`` is replaced by the quantized model per
   ``quantize.calibration_batches`` batches of 32 train texts tokenized as the folder's
   Predictor does; ``quantize.exclude_nodes`` stay in float. ORT's ``quant_pre_process``
   runs first where it can; where it fails the reason is recorded and it is skipped;
-- ``fp16``: float16 conversion with ``onnxconverter_common`` (a ``KdpipeError`` when it is
-  not installed);
-- ``torch_dynamic``: not supported for an ONNX export yet (a ``KdpipeError``);
+- ``fp16``: float16 weights and activations (``onnxconverter_common``), inputs and outputs
+  kept as they were; for GPU targets (ONNX Runtime's CUDA/TensorRT providers, TensorRT):
+  on a CPU it halves the file but runs no faster;
+- ``torch_dynamic``: a ``KdpipeError`` saying why: torch's ONNX exporters reject its
+  quantized operators, and this step's output is an ONNX folder;
 - ``none``: the model copied unchanged.
 
 Accuracy gate: validation accuracy of the fp32 and the quantized folder, both through
@@ -120,8 +122,10 @@ def quantize_model(cfg: Config, fp32: Path, out: Path, export_dir: Path,
         shutil.copyfile(fp32, out)
         return {}
     if method == "torch_dynamic":
-        raise KdpipeError("quantize.method torch_dynamic is not supported for ONNX export yet; "
-                          "use ort_dynamic, ort_static, fp16 or none")
+        raise KdpipeError("quantize.method torch_dynamic: PyTorch's dynamically quantized "
+                          "Linear/LSTM cannot be exported to ONNX (torch's exporters reject "
+                          "quantized::linear_dynamic) and this step ships an ONNX folder; use "
+                          "ort_dynamic, the same int8 scheme applied by ONNX Runtime")
     if method == "fp16":
         return _fp16(fp32, out)
     from kdpipe.telemetry import disable_onnxruntime_telemetry
@@ -150,7 +154,11 @@ def _fp16(fp32: Path, out: Path) -> dict[str, Any]:
                           "`pip install onnxconverter-common`") from None
     import onnx
 
-    model = float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    # Cast nodes stay float32 (casts are inserted around them): the converter retypes a
+    # Cast's output to float16 without changing its `to` attribute, which ORT then refuses.
+    blocked = [*float16.DEFAULT_OP_BLOCK_LIST, "Cast"]
+    model = float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True,
+                                             op_block_list=blocked)
     onnx.save(model, str(out))
     return {}
 
