@@ -49,6 +49,12 @@ def test_pipeline_run_has_a_nested_run_per_step_with_params_and_data_card(
     assert SECRET not in result.output
     assert _files_holding(tmp_path, SECRET.encode()) == []
     assert "kdpipe run" in result.output
+    # The run ends with the side-by-side table, every evaluated model in it.
+    table = result.output.rsplit("models on 20 validation rows", 1)[1]
+    for model in ("teacher_int8", "quantized"):
+        assert model in table
+    register = json.loads((tmp_path / "work" / "register" / "register.json").read_text())
+    assert register["promoted"] is True and register["aliases"]["champion"] == 1
     client, runs = _runs(uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

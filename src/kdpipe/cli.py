@@ -144,8 +144,36 @@ def run(
     for row in rows:
         table.add_row(*row)
     out.print(table)
+    _print_comparison(cfg)
     if run_id:
         _print_mlflow_run(cfg, run_id)
+
+
+def _print_comparison(cfg: Config) -> None:
+    """The evaluate step's side-by-side table, compact: what a run is for."""
+    import json
+
+    path = cfg.paths.evaluation / "metrics.json"
+    if not path.is_file():
+        return
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    table = Table(title=f"models on {doc['rows']:,} {doc['split']} rows "
+                        f"(full table: {cfg.paths.evaluation / 'comparison.md'})")
+    for column in ("model", "accuracy", "macro-F1", "p50 b1 ms", "size MB", "speed-up",
+                   "size / teacher"):
+        table.add_column(column, justify="left" if column == "model" else "right",
+                         no_wrap=column == "model")
+    for name, m in doc["models"].items():
+        vs = m.get("vs_teacher") or {}
+        b1 = m["latency_ms"].get("b1", {}).get("p50")
+        table.add_row(name, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}",
+                      "–" if b1 is None else f"{b1:.2f}", f"{m['size_bytes'] / 1e6:.2f}",
+                      _ratio(vs.get("speedup_b1_p50")), _ratio(vs.get("size")))
+    out.print(table)
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}x"
 
 
 def _print_mlflow_run(cfg: Config, run_id: str) -> None:
