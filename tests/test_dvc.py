@@ -83,6 +83,9 @@ def test_dvc_repro_and_exp_run_in_a_fresh_clone(tmp_path, tiny_bert):
     metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=clone).stdout)
     shown = json.dumps(metrics)
     assert "val_accuracy" in shown and "kept_fraction" in shown
+    plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=clone).stdout)["data"]
+    assert {f"work/evaluation/plots/{name}.csv" for name in
+            ("confusion_quantized", "reliability", "accuracy_latency")} <= set(plots)
     # A distill setting changes: DVC reruns distill and what follows, not the teacher.
     teacher_made = (clone / "work/teacher/model.safetensors").stat().st_mtime_ns
     student_made = (clone / "work/student/model.safetensors").stat().st_mtime_ns

@@ -295,7 +295,7 @@ def kfp_leftovers():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def tiny_settings(root: Path, teacher: Path, csv: Path, **extra) -> dict:
+def tiny_settings(root: Path, teacher: Path, csv: Path | str, **extra) -> dict:
     return {"work_dir": str(root / "work"), "data": {"source": str(csv)},
             "teacher": {"checkpoint": str(teacher), "max_steps": 2},
             "ingest": {"max_length": 32}, "distill": {"epochs": 1},
@@ -312,7 +312,7 @@ def files(folder: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_the_local_dag_makes_what_kdpipe_run_makes_and_registers(
-        tmp_path, tiny_bert, separable_csv, monkeypatch, kfp_leftovers):
+        tmp_path, tiny_bert, monkeypatch, kfp_leftovers):
     import mlflow
     from typer.testing import CliRunner
 
@@ -323,7 +323,8 @@ def test_the_local_dag_makes_what_kdpipe_run_makes_and_registers(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    settings = tiny_settings(tmp_path / "kfp", tiny_bert, separable_csv,
+    # The demo data set shipped with kdpipe, as `make run` uses it.
+    settings = tiny_settings(tmp_path / "kfp", tiny_bert, "demo",
                              soft_labels={"cache_dir": str(tmp_path / "kfp" / "c"),
                                           "batch_size": 16, "shards": 2},
                              tracking={"uri": uri, "experiment": "kfp"})
@@ -338,7 +339,7 @@ def test_the_local_dag_makes_what_kdpipe_run_makes_and_registers(
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_settings(
-        tmp_path / "cli", tiny_bert, separable_csv,
+        tmp_path / "cli", tiny_bert, "demo",
         tracking={"uri": f"sqlite:///{tmp_path}/cli.db", "experiment": "cli"})))
     result = CliRunner().invoke(app, ["run", "-p", str(params)])
     assert result.exit_code == 0, result.output
