@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kdpipe.errors import KdpipeError
-from kdpipe.steps import ingest, soft_labels
+from kdpipe.steps import ingest, soft_label_shards, soft_labels
 
 
 @pytest.fixture
@@ -22,15 +22,15 @@ def setup(make_config, separable_csv):
 
 
 def shard_all(cfg, teacher, num_shards, root):
-    return [soft_labels.run_shard(cfg, teacher, cfg.paths.prepared, root / f"shard-{i}", i,
+    return [soft_label_shards.run_shard(cfg, teacher, cfg.paths.prepared, root / f"shard-{i}", i,
                                   num_shards).out_dir for i in range(num_shards)]
 
 
 def test_shard_rows_deals_whole_length_sorted_batches_in_turn():
     lengths = np.array([5, 1, 3, 2, 4])  # sorted: rows 1, 3, 2, 4, 0 -> [1 3] [2 4] [0]
-    np.testing.assert_array_equal(soft_labels.shard_rows(lengths, 2, 0, 2), [1, 3, 0])
-    np.testing.assert_array_equal(soft_labels.shard_rows(lengths, 2, 1, 2), [2, 4])
-    assert soft_labels.shard_rows(lengths, 2, 3, 4).size == 0  # more shards than batches
+    np.testing.assert_array_equal(soft_label_shards.shard_rows(lengths, 2, 0, 2), [1, 3, 0])
+    np.testing.assert_array_equal(soft_label_shards.shard_rows(lengths, 2, 1, 2), [2, 4])
+    assert soft_label_shards.shard_rows(lengths, 2, 3, 4).size == 0  # more shards than batches
 
 
 @pytest.mark.parametrize("num_shards", [2, 3])
@@ -45,7 +45,7 @@ def test_merged_shards_equal_the_unsharded_run_byte_for_byte(setup, tiny_bert, t
     sizes = [int(np.load(d / "validation_rows.npy").size) for d in shards]
     assert sum(sizes) == 20 and (num_shards == 2 or 0 in sizes)  # 20 rows = 2 batches of 16
 
-    result = soft_labels.merge(list(reversed(shards)), tmp_path / "merged", cfg.paths.prepared)
+    result = soft_label_shards.merge(list(reversed(shards)), tmp_path / "merged", cfg.paths.prepared)
     merged = result.out_dir
     names = sorted(p.name for p in whole.iterdir())
     assert sorted(p.name for p in merged.iterdir()) == names
@@ -65,14 +65,14 @@ def test_merged_shards_equal_the_unsharded_run_byte_for_byte(setup, tiny_bert, t
 def test_a_shard_is_cached_and_a_rerun_loads_no_teacher(setup, tiny_bert, tmp_path,
                                                         monkeypatch):
     cfg = setup
-    first = soft_labels.run_shard(cfg, tiny_bert, cfg.paths.prepared, tmp_path / "a", 1, 2)
+    first = soft_label_shards.run_shard(cfg, tiny_bert, cfg.paths.prepared, tmp_path / "a", 1, 2)
     assert first.metrics["cache_hit"] == 0
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded for a cached shard")
 
     monkeypatch.setattr(soft_labels, "load_teacher", no_teacher)
-    again = soft_labels.run_shard(cfg, tiny_bert, cfg.paths.prepared, tmp_path / "b", 1, 2)
+    again = soft_label_shards.run_shard(cfg, tiny_bert, cfg.paths.prepared, tmp_path / "b", 1, 2)
     assert again.metrics["cache_hit"] == 1
     np.testing.assert_array_equal(np.load(tmp_path / "b" / "train_logits.npy"),
                                   np.load(tmp_path / "a" / "train_logits.npy"))
@@ -88,31 +88,31 @@ def two_shards(make_config, separable_csv, tiny_bert, tmp_path):
 def test_merge_refuses_a_missing_or_repeated_shard(two_shards, tmp_path):
     _, (zero, one) = two_shards
     with pytest.raises(KdpipeError, match=r"got shards \[0\] of \[2\]"):
-        soft_labels.merge([zero], tmp_path / "out")
+        soft_label_shards.merge([zero], tmp_path / "out")
     with pytest.raises(KdpipeError, match=r"got shards \[1, 1\]"):
-        soft_labels.merge([one, one], tmp_path / "out")
+        soft_label_shards.merge([one, one], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_merge_refuses_shards_of_different_runs(two_shards, tiny_bert, tmp_path):
     cfg, (zero, _) = two_shards
     other = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"max_length": 16})})
-    one = soft_labels.run_shard(other, tiny_bert, cfg.paths.prepared, tmp_path / "other", 1,
+    one = soft_label_shards.run_shard(other, tiny_bert, cfg.paths.prepared, tmp_path / "other", 1,
                                 2).out_dir
     with pytest.raises(KdpipeError, match="different runs"):
-        soft_labels.merge([zero, one], tmp_path / "out")
+        soft_label_shards.merge([zero, one], tmp_path / "out")
 
 
 def test_merge_refuses_a_folder_that_is_not_a_shard(two_shards, tiny_bert, tmp_path):
     cfg, (zero, _) = two_shards
     whole = soft_labels.run(cfg, tiny_bert, cfg.paths.prepared, tmp_path / "whole").out_dir
     with pytest.raises(KdpipeError, match="not a soft-label shard"):
-        soft_labels.merge([zero, whole], tmp_path / "out")
+        soft_label_shards.merge([zero, whole], tmp_path / "out")
 
 
 @pytest.mark.parametrize("shard, num_shards", [(2, 2), (-1, 2), (0, 0)])
 def test_a_shard_outside_the_count_is_an_error(make_config, tiny_bert, tmp_path, shard,
                                                num_shards):
     with pytest.raises(KdpipeError, match="need num_shards >= 1 and 0 <= shard"):
-        soft_labels.run_shard(make_config(), tiny_bert, tmp_path, tmp_path / "o", shard,
+        soft_label_shards.run_shard(make_config(), tiny_bert, tmp_path, tmp_path / "o", shard,
                               num_shards)

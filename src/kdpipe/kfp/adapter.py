@@ -44,17 +44,12 @@ def run_step(step: str, params: str, call: Callable[[Config, LogMetric | None], 
     """``call(cfg, log_metric)`` inside an MLflow run for ``step`` (``tracking.step_run``,
     as the CLI does); its metrics go to the ``metrics`` artifact (``Output[Metrics]``) and
     its summary line to the task's log."""
-    try:
-        cfg = load_params(params)
+    def tracked(cfg: Config) -> StepResult:
         from kdpipe import tracking
 
-        result = tracking.step_run(cfg, step, lambda log: call(cfg, log))
-    except KdpipeError as exc:
-        fail(step, exc)
-    if metrics is not None:
-        record_metrics(metrics, result.metrics)
-    print(f"{step}: {result.summary}", flush=True)
-    return result
+        return tracking.step_run(cfg, step, lambda log: call(cfg, log))
+
+    return run_untracked(step, params, tracked, metrics)
 
 
 def run_untracked(step: str, params: str, call: Callable[[Config], StepResult],

@@ -68,7 +68,7 @@ def soft_label_shard(params: str, shard: int, teacher: Input[Model], prepared: I
     from pathlib import Path
 
     from kdpipe.kfp.adapter import run_untracked
-    from kdpipe.steps import soft_labels as step
+    from kdpipe.steps import soft_label_shards as step
 
     run_untracked("soft_labels", params, lambda cfg: step.run_shard(
         cfg, Path(teacher.path), Path(prepared.path), Path(soft_labels_shard.path), shard,
@@ -81,7 +81,7 @@ def merge_soft_labels(params: str, shards: Input[List[Dataset]], prepared: Input
     from pathlib import Path
 
     from kdpipe.kfp.adapter import run_step
-    from kdpipe.steps import soft_labels as step
+    from kdpipe.steps import soft_label_shards as step
 
     run_step("soft_labels", params, lambda cfg, log: step.merge(
         [Path(s.path) for s in shards], Path(soft_labels.path), Path(prepared.path)), metrics)
