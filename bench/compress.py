@@ -8,7 +8,7 @@ distilled student folder; runs kdpipe's own prune, export, quantize and evaluate
 fp32 ONNX parity (max |Δlogit|, label agreement), int8 vs fp32 accuracy, the int8 folder's
 size against the teacher's fp32 ONNX, and batch-1 latency of Predictor.predict (tokenization
 included) next to the teacher's. Prints a markdown table and writes
-bench/results/compress_<work folder name>.json.
+bench/results/compress_<work folder name><--tag>.json.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="work folder with prepared/ and teacher/")
     parser.add_argument("--student", required=True, help="a distill output folder")
     parser.add_argument("--out", default=None, help="where to write (default: WORK/compress)")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     work = Path(args.work)
@@ -75,7 +76,7 @@ def main() -> None:
     size["ratio_teacher_to_int8_folder"] = round(
         size["teacher_fp32_onnx_bytes"] / size["int8_folder_bytes"], 2)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"compress_{work.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"compress_{work.name}{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nparity: max |Δlogit| {report['parity']['max_abs_diff']:.1e}, label agreement "
           f"{report['parity']['label_agreement']:.2%} on {report['parity']['rows']} rows")
     print(f"int8 {report['accuracy']['int8']:.4f} vs fp32 {report['accuracy']['fp32']:.4f} "

@@ -285,8 +285,10 @@ class QuantizeConfig(Section):
     calibration_batches: int = Field(16, ge=1, description="Batches of train texts (static).")
     exclude_nodes: list[str] = Field([], description="ONNX node names left in float.")
     op_types: list[str] = Field(
-        [], description="ONNX operator types to quantize, e.g. [Gather, MatMul] (empty: "
-        "ONNX Runtime's default set for the method)."
+        ["Gather", "MatMul", "LSTM"],
+        description="ONNX operator types to quantize ([]: ONNX Runtime's whole set for the "
+        "method). Conv is left out by default: ORT's ConvInteger ran the SST-2 TextCNN 2.7x "
+        "slower at batch 32 and 1.6x at batch 1 than float Conv (docs/benchmarks.md).",
     )
     max_accuracy_drop: float = Field(
         0.005, ge=0, description="Keep fp32 if int8 loses more validation accuracy than this."
