@@ -30,6 +30,8 @@ VARIANTS = {
     "kd+feature": lambda epochs: ["distill.feature.weight=0.5", "distill.feature.kind=cosine"],
     "kd+crd": lambda epochs: ["distill.crd.weight=0.1"],
     "kd+ema": lambda epochs: ["distill.ema.weight=0.5"],
+    # Tang et al. (2019): MSE between logits plus cross-entropy on the gold labels, no KL.
+    "mse": lambda epochs: ["distill.logit_mse=1.0", "distill.alpha=0.0"],
 }
 # A student initialised from teacher layers needs a fine-tuning learning rate.
 STUDENT_SETTINGS = {
