@@ -9,6 +9,8 @@ deprecated stages. A version carries its key metrics as ``kdpipe.<metric>`` tags
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -77,7 +79,9 @@ class Registry:
         """A new version of ``name`` (created if needed) from a logged ``model_uri``."""
         import mlflow
 
-        with self._errors(f"registering {model_uri} as {name!r}"):
+        # register_model prints two progress lines to stderr; the step's summary says it all.
+        with self._errors(f"registering {model_uri} as {name!r}"), \
+                contextlib.redirect_stderr(io.StringIO()):
             version = mlflow.register_model(model_uri, name, tags=tags)
             self.client.update_model_version(name, version.version,
                                              description=_fit_description(description))
@@ -193,13 +197,18 @@ def open_registry(cfg: Config, create: bool = False) -> Registry:
 
 @contextlib.contextmanager
 def quiet_downloads() -> Iterator[None]:
-    """No per-file download bars from MLflow (its artifact progress bar is on by default)."""
+    """No per-file download bars from MLflow (its artifact progress bar is on by default),
+    and none of its INFO chatter (e.g. "Validating input example against model signature")."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     before = os.environ.get(key)
     os.environ[key] = "false"
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
+        logger.setLevel(level)
         if before is None:
             os.environ.pop(key, None)
         else:
