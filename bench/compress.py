@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from kdpipe.config import load_config
+from kdpipe.evaluation.models import folder_bytes
 from kdpipe.steps import evaluate, export, prune, quantize
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,7 +54,6 @@ def main() -> None:
     ev = json.loads((out / "evaluation" / "metrics.json").read_text())
     exported = json.loads((out / "export" / "export.json").read_text())
     quant = json.loads((out / "quantized" / "quantize.json").read_text())
-    folder = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
     teacher_onnx = out / "evaluation" / "teacher_onnx" / "model.onnx"
     report = {
         "data": work.name, "machine": f"{platform.machine()}, 2 cores",
@@ -62,7 +62,7 @@ def main() -> None:
         "accuracy": {"fp32": quant["accuracy"]["fp32"], "int8": quant["accuracy"]["int8"],
                      "kept": quant["kept"], "drop_points": round(
                          100 * (quant["accuracy"]["fp32"] - quant["accuracy"]["int8"]), 2)},
-        "size": {"int8_folder_bytes": folder(out / "quantized"),
+        "size": {"int8_folder_bytes": folder_bytes(out / "quantized"),
                  "int8_model_bytes": (out / "quantized" / "model.onnx").stat().st_size,
                  "teacher_fp32_onnx_bytes": teacher_onnx.stat().st_size},
         "prune": steps["prune"].metrics,

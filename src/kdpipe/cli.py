@@ -153,6 +153,8 @@ def _print_comparison(cfg: Config) -> None:
     """The evaluate step's side-by-side table, compact: what a run is for."""
     import json
 
+    from kdpipe.steps.evaluate import ratio_text
+
     path = cfg.paths.evaluation / "metrics.json"
     if not path.is_file():
         return
@@ -168,12 +170,8 @@ def _print_comparison(cfg: Config) -> None:
         b1 = m["latency_ms"].get("b1", {}).get("p50")
         table.add_row(name, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}",
                       "–" if b1 is None else f"{b1:.2f}", f"{m['size_bytes'] / 1e6:.2f}",
-                      _ratio(vs.get("speedup_b1_p50")), _ratio(vs.get("size")))
+                      ratio_text(vs.get("speedup_b1_p50"), "–"), ratio_text(vs.get("size"), "–"))
     out.print(table)
-
-
-def _ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3g}x"
 
 
 def _print_mlflow_run(cfg: Config, run_id: str) -> None:

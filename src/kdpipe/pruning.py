@@ -147,15 +147,20 @@ def structured_sizes(model: PrunedStudent) -> dict[str, Any]:
     return ARCHS[model.arch].sizes(model.student)
 
 
+def _filled(new: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """``new`` (made with ``skip_init``) holding ``weight`` and ``bias``."""
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
 def _linear_rows(linear: nn.Linear, rows: Tensor) -> nn.Linear:
     """A Linear computing only the output features ``rows`` of ``linear``."""
     new = skip_init(nn.Linear, linear.in_features, rows.numel(), bias=linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[rows])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias[rows])
-    return new
+    return _filled(new, linear.weight[rows], None if linear.bias is None else linear.bias[rows])
 
 
 def _linear_columns(linear: nn.Linear, columns: Tensor) -> nn.Linear:
@@ -163,11 +168,7 @@ def _linear_columns(linear: nn.Linear, columns: Tensor) -> nn.Linear:
     new = skip_init(nn.Linear, columns.numel(), linear.out_features,
                     bias=linear.bias is not None, device=linear.weight.device,
                     dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, columns])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    return new
+    return _filled(new, linear.weight[:, columns], linear.bias)
 
 
 def _conv_rows(conv: nn.Conv1d, rows: Tensor) -> nn.Conv1d:
@@ -175,11 +176,7 @@ def _conv_rows(conv: nn.Conv1d, rows: Tensor) -> nn.Conv1d:
     new = skip_init(nn.Conv1d, conv.in_channels, rows.numel(), conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, bias=conv.bias is not None,
                     device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(conv.weight[rows])
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias[rows])
-    return new
+    return _filled(new, conv.weight[rows], None if conv.bias is None else conv.bias[rows])
 
 
 def _shrink_textcnn(student: nn.Module, fraction: float) -> None:

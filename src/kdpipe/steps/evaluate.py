@@ -292,10 +292,11 @@ def summarize(doc: dict[str, Any]) -> str:
     vs = m["vs_teacher"]
     if vs and best != "teacher":
         line += (f" (teacher: {found['teacher']['accuracy']:.2%}; speed-up "
-                 f"{_times(vs[f'speedup_{head}_p50'])}, size {_times(vs['size'])} the "
+                 f"{ratio_text(vs[f'speedup_{head}_p50'])}, size {ratio_text(vs['size'])} the "
                  "teacher's)")
     return line
 
 
-def _times(value: float | None) -> str:
-    return "n/a" if not value else f"{value:.3g}x"
+def ratio_text(value: float | None, missing: str = "n/a") -> str:
+    """``value`` as "1.52x" (three significant digits), or ``missing``."""
+    return missing if not value else f"{value:.3g}x"
