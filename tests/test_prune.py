@@ -1,5 +1,5 @@
 """Pruning: the vocabulary keeps exactly the data's ids and specials and changes no output of a
-text made of them (an unseen token reads as [UNK]); structured pruning really shrinks tensors
+text made of them (an unseen token reads as [UNK] or as its nearest kept word); structured pruning really shrinks tensors
 and removes the weakest units (dead units removed leave the outputs unchanged); magnitude
 pruning reaches its sparsity permanently; pruned folders reload exactly; the step end to end."""
 
@@ -98,6 +98,37 @@ def test_vocabulary_pruning_keeps_outputs_and_maps_unseen_ids_to_unk(arch, tiny_
     assert as_unk != ids
     torch.testing.assert_close(run_ids(model, ids), run_ids(original, as_unk),
                                atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unseen_ids_read_their_nearest_kept_word(arch, tiny_bert, tokenizer):
+    model = make(arch, tiny_bert, tokenizer)
+    original = make(arch, tiny_bert, tokenizer)
+    nasty, bad, awful = tokenizer.convert_tokens_to_ids(["nasty", "bad", "awful"])
+    for m in (model, original):  # "nasty" points the way "bad" does, "awful" the other way
+        weight = pruning.ARCHS[arch].embedding(m.student).weight
+        with torch.no_grad():
+            weight[nasty] = 3.0 * weight[bad]
+            weight[awful] = -weight[bad]
+    kept = kept_for(tokenizer, TRAIN)
+    words = [i for i in kept if i not in tokenizer.all_special_ids]
+    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id, nearest_among=words)
+    assert model.vocab_remap[nasty] == model.vocab_remap[bad]
+    ids = tokenizer("good nasty movie")["input_ids"]
+    as_bad = [bad if i == nasty else i for i in ids]
+    torch.testing.assert_close(run_ids(model, ids), run_ids(original, as_bad),
+                               atol=1e-6, rtol=0)
+    # Specials are never a target, and kept ids still read themselves.
+    new_special = {int(model.vocab_remap[i]) for i in tokenizer.all_special_ids}
+    dropped = [i for i in range(len(tokenizer)) if i not in kept]
+    assert not new_special & {int(model.vocab_remap[i]) for i in dropped}
+    assert model.vocab_remap[kept].tolist() == list(range(len(kept)))
+
+
+def test_nearest_rows_by_cosine():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [10.0, 1.0], [-1.0, 0.2], [0.1, 5.0]])
+    best = pruning.nearest_rows(weight, torch.tensor([2, 3, 4]), torch.tensor([0, 1]), chunk=2)
+    assert best.tolist() == [0, 1, 1]  # [-1, 0.2] has cosine -0.98 to row 0, +0.20 to row 1
 
 
 def test_vocabulary_needs_unk_among_the_kept_ids(tiny_bert, tokenizer):

@@ -264,6 +264,10 @@ class PruneConfig(Section):
     vocabulary: bool = Field(
         True, description="Keep only token ids seen in the training data (+ special tokens)."
     )
+    unseen_tokens: Literal["nearest", "unk"] = Field(
+        "nearest", description="What a dropped token id reads after vocabulary pruning: the "
+        "kept token whose embedding is closest (cosine), or [UNK]."
+    )
     finetune_epochs: int = Field(0, ge=0, description="Short KD fine-tune after pruning.")
     finetune_lr: float = Field(1e-3, gt=0)
 

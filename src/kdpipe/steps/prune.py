@@ -54,7 +54,8 @@ def run(cfg: Config, student_dir: Path, prepared_dir: Path, soft_labels_dir: Pat
     report: dict[str, Any] = {"arch": model.arch, "settings": p.model_dump(mode="json")}
     with torch_threads(cfg.distill.num_threads):
         if p.vocabulary:
-            report["vocabulary"] = prune_vocabulary(model, data, tokenizer)
+            report["vocabulary"] = prune_vocabulary(model, data, tokenizer,
+                                                   p.unseen_tokens)
             accuracy["after_vocabulary"] = val_accuracy(model, data)
         if p.structured_fraction > 0:
             pruning.prune_structure(model, p.structured_fraction)
@@ -115,19 +116,22 @@ def load_student_tokenizer(student_dir: Path) -> Any:
 
 
 def prune_vocabulary(model: pruning.PrunedStudent, data: distill.TransferData,
-                     tokenizer: Any) -> dict[str, Any]:
+                     tokenizer: Any, unseen: str = "nearest") -> dict[str, Any]:
     """Keep the ids of the tokenized training texts (truncated at max_length, as distill
-    saw them) plus the special tokens; what was kept, for the report."""
+    saw them) plus the special tokens; a dropped id reads its nearest kept word
+    (``unseen="nearest"``) or [UNK] (``"unk"``). What was kept, for the report."""
     if tokenizer.unk_token_id is None:
         raise KdpipeError("prune.vocabulary needs a tokenizer with an unknown token to map "
                           "dropped ids to; set -S prune.vocabulary=false")
     train_ids = [ids for ids, label in zip(data.ids, data.labels, strict=True) if label >= 0]
-    kept = pruning.kept_token_ids(train_ids, [*tokenizer.all_special_ids,
-                                              tokenizer.unk_token_id])
+    special = {*tokenizer.all_special_ids, tokenizer.unk_token_id}
+    kept = pruning.kept_token_ids(train_ids, special)
     original = pruning.ARCHS[model.arch].embedding(model.student).num_embeddings
-    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id)
+    # A dropped word should read a kept word, not [CLS] or [SEP].
+    nearest = [i for i in kept if i not in special] if unseen == "nearest" else None
+    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id, nearest)
     return {"original": original, "kept": len(kept), "kept_fraction": len(kept) / original,
-            "train_texts": len(train_ids)}
+            "train_texts": len(train_ids), "unseen_tokens": unseen}
 
 
 def val_accuracy(model: nn.Module, data: distill.TransferData) -> float:
