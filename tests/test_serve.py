@@ -12,7 +12,7 @@ import torch
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import load_student
 from kdpipe.models.teacher import quiet_transformers
-from kdpipe.serve import Prediction, Predictor
+from kdpipe.serve import Prediction, Predictor, length_groups
 from kdpipe.steps import export
 from test_export import make_students
 
@@ -172,3 +172,54 @@ def test_graph_that_takes_token_type_ids_is_fed_them(tiny_bert, tmp_path):
     with torch.inference_mode():
         want = model(**enc).logits.softmax(1).numpy()
     np.testing.assert_allclose(predictor.predict_proba(TEXTS), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # one text at a time / encode_batch
+def test_fast_backend_encodes_exactly_as_the_transformers_call(folders, threads):
+    """The Rust backend path gives the ids, masks and padding that
+    ``tokenizer(..., truncation=True, padding=True)`` gives, long and odd texts included."""
+    predictor = Predictor(folders["textcnn"][1], threads=threads)
+    assert predictor.backend is not None
+    texts = [*TEXTS, "word " * 500, "  spaces\\tand\\nnewlines  ", "ÜNÍCÖDE ünïcödé 東京 🙂",
+             "[CLS] [SEP] [PAD] literal specials", "12345678901234567890"]
+    for size in (1, 3, len(texts)):
+        batch = texts[:size]
+        got = next(predictor.encode(batch))
+        want = predictor.tokenizer(batch, truncation=True, max_length=predictor.max_length,
+                                   padding=True, return_tensors="np")
+        assert set(got) == set(predictor.inputs)
+        for name in got:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+            assert got[name].dtype == np.int64
+
+
+def test_without_a_fast_backend_the_transformers_call_gives_the_same(folders):
+    """The fallback for tokenizers without a Rust backend (slow tokenizers)."""
+    fast = Predictor(folders["textcnn"][1], threads=1)
+    slow = Predictor(folders["textcnn"][1], threads=1)
+    slow.backend = None
+    # The fast path groups texts by length, so rows are padded differently: equal to float
+    # rounding, not bit for bit.
+    np.testing.assert_allclose(slow.logits(TEXTS), fast.logits(TEXTS), atol=1e-5, rtol=0)
+
+
+def test_length_groups_cut_on_padding_and_batch_size():
+    lengths = [30, 5, 6, 31, 5, 7, 29, 6, 5, 32, 6, 5]
+    groups = length_groups(lengths, batch_size=64, min_group=2, slack=1.25)
+    # 5s, 6s and the 7 pad to 56 tokens for 45 real (1.24x); the 29 would make it 261 for 74.
+    assert [sorted(lengths[i] for i in g) for g in groups] == [
+        [5, 5, 5, 5, 6, 6, 6, 7], [29, 30, 31, 32]]
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+    capped = length_groups([4] * 10, batch_size=4)
+    assert [len(g) for g in capped] == [4, 4, 2]
+    assert [g.tolist() for g in length_groups([9, 1, 5], batch_size=64)] == [[1, 2, 0]]
+    assert length_groups([], batch_size=8) == []
+
+
+def test_grouped_logits_come_back_in_input_order(folders):
+    """Many texts of mixed length in one call: each row as that text alone gives."""
+    predictor = Predictor(folders["bilstm"][1], threads=1)
+    texts = [("short" if i % 3 else "a much longer text about a good film " * (1 + i % 4))
+             for i in range(40)]
+    alone = np.concatenate([predictor.logits(t) for t in texts])
+    np.testing.assert_allclose(predictor.logits(texts), alone, atol=1e-5, rtol=0)

@@ -36,6 +36,9 @@ VOCABULARY_FILES = ("vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bp
 BATCH_SIZE = 64  # texts per ONNX Runtime call; each batch is padded to its longest text
 
 _NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+# Session input name -> attribute of a `tokenizers.Encoding`.
+_ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask",
+                    "token_type_ids": "type_ids"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,9 @@ class Predictor:
     ``input_ids`` and ``attention_mask``; a BERT export may also take ``token_type_ids``).
 
     Texts are tokenized as in training: special tokens added, cut to ``max_length`` tokens,
-    padded on the right within each batch of ``batch_size``.
+    padded on the right within each batch. ``logits`` (and so ``predict``) runs texts of
+    similar token length together (``length_groups``), so a call of many texts computes
+    little padding; rows come back in input order.
     """
 
     def __init__(self, folder: Path, threads: int | None = None,
@@ -81,12 +86,18 @@ class Predictor:
             raise KdpipeError(f"Predictor threads must be >= 1 or None (got {threads})")
         self.folder = folder
         self.batch_size = batch_size
+        self.threads = threads
         self.labels: list[str] = _read_labels(folder / LABELS_FILE)
         self.max_length: int = _read_max_length(folder / RECORD_FILE)
         self.tokenizer = load_tokenizer(folder)
         self.session = ort_session(folder / MODEL_FILE, threads)
         self.inputs = {i.name: _NUMPY_TYPES.get(i.type) for i in self.session.get_inputs()}
         self._check_graph()
+        self.backend = (fast_backend(self.tokenizer, self.max_length)
+                        if set(self.inputs) <= set(_ENCODING_FIELDS) else None)
+        self._padding = {"direction": "right", "pad_id": self.tokenizer.pad_token_id,
+                         "pad_type_id": self.tokenizer.pad_token_type_id,
+                         "pad_token": self.tokenizer.pad_token}
 
     def predict(self, texts: str | Iterable[str]) -> list[Prediction]:
         """A ``Prediction`` per text, in input order (a single string gives a list of one)."""
@@ -103,21 +114,50 @@ class Predictor:
         return shifted / shifted.sum(axis=1, keepdims=True)
 
     def logits(self, texts: str | Iterable[str]) -> np.ndarray:
-        """Raw model outputs (n, C) float32."""
-        outputs = [self.run(feed) for feed in self.encode(texts)]
-        if not outputs:
-            return np.zeros((0, len(self.labels)), np.float32)
-        return np.concatenate(outputs)
+        """Raw model outputs (n, C) float32, rows in input order."""
+        items = as_texts(texts)
+        if self.backend is None or len(items) == 1:
+            outputs = [self.run(feed) for feed in self.encode(items)]
+            if not outputs:
+                return np.zeros((0, len(self.labels)), np.float32)
+            return np.concatenate(outputs)
+        encodings = self._encodings(items)
+        out = np.empty((len(items), len(self.labels)), np.float32)
+        for rows in length_groups([len(e) for e in encodings], self.batch_size):
+            out[rows] = self.run(self._feed([encodings[i] for i in rows]))
+        return out
 
     def encode(self, texts: str | Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
-        """Session feeds (input name -> (B, L) array), ``batch_size`` texts at a time."""
+        """Session feeds (input name -> (B, L) array), ``batch_size`` texts at a time in
+        input order, each padded to its longest text."""
         items = as_texts(texts)
         for start in range(0, len(items), self.batch_size):
-            encoded = self.tokenizer(items[start: start + self.batch_size], truncation=True,
-                                     max_length=self.max_length, padding=True,
-                                     return_tensors="np")
+            batch = items[start: start + self.batch_size]
+            if self.backend is not None:
+                yield self._feed(self._encodings(batch))
+                continue
+            encoded = self.tokenizer(batch, truncation=True, max_length=self.max_length,
+                                     padding=True, return_tensors="np")
             yield {name: np.ascontiguousarray(encoded[name], dtype=dtype or np.int64)
                    for name, dtype in self.inputs.items()}
+
+    def _encodings(self, texts: list[str]) -> list[Any]:
+        """Unpadded ``tokenizers.Encoding`` per text. ``encode_batch`` runs on every core
+        (rayon); with one thread asked for, texts are encoded one after another, so a call
+        uses the threads it says it does."""
+        if self.threads != 1:
+            return self.backend.encode_batch(texts)
+        return [self.backend.encode(text) for text in texts]
+
+    def _feed(self, encodings: list[Any]) -> dict[str, np.ndarray]:
+        """Encodings padded on the right to the longest, as session inputs."""
+        longest = max(len(e) for e in encodings)
+        for encoding in encodings:
+            if len(encoding) < longest:
+                encoding.pad(longest, **self._padding)
+        return {name: np.array([getattr(e, _ENCODING_FIELDS[name]) for e in encodings],
+                               dtype=dtype or np.int64)
+                for name, dtype in self.inputs.items()}
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """One feed (from ``encode``) through the model: logits (B, C) float32."""
@@ -181,6 +221,50 @@ def _read_max_length(path: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise KdpipeError(f"{path}: no valid max_length (got {value!r})")
     return value
+
+
+def fast_backend(tokenizer: Any, max_length: int) -> Any | None:
+    """A copy of a fast tokenizer's Rust backend (``tokenizers.Tokenizer``) that truncates
+    as ``tokenizer(texts, truncation=True, max_length=max_length)`` does and does not pad
+    (``Predictor._feed`` pads); None for a slow tokenizer or one without a padding token.
+
+    Why: for a small student, tokenization is a large share of a call, and transformers'
+    per-call Python work (argument checks, BatchEncoding, conversions) costs more than the
+    encoding itself (figures in docs/benchmarks.md). The backend gives the same ids (tested).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.pad_token_id is None:
+        return None
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_str(backend.to_str())
+    fast.enable_truncation(max_length=max_length, direction=tokenizer.truncation_side)
+    fast.no_padding()
+    return fast
+
+
+def length_groups(lengths: list[int], batch_size: int, min_group: int = 8,
+                  slack: float = 1.25) -> list[np.ndarray]:
+    """Indices into ``lengths`` in groups of similar length, shortest first: a group closes
+    at ``batch_size`` texts, or, once it holds ``min_group``, when padding to the next text
+    would make it compute more than ``slack`` times its real tokens.
+
+    Why: a batch is padded to its longest text, and sentence lengths vary ~10x (SST-2
+    validation in its own order pads 32-text batches to 1.9x their tokens); the model's
+    cost grows with the padded length. ``min_group`` bounds the number of runs a call makes.
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    groups, start, real = [], 0, 0
+    for end, i in enumerate(order):
+        n, size = lengths[i], end - start
+        if size and (size == batch_size or
+                     (size >= min_group and n * (size + 1) > slack * (real + n))):
+            groups.append(order[start:end])
+            start, real = end, 0
+        real += n
+    if len(order):
+        groups.append(order[start:])
+    return groups
 
 
 def load_tokenizer(folder: Path) -> Any:
