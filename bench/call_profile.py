@@ -1,0 +1,94 @@
+"""Where the time of a ``Predictor`` call goes: tokenization, the model on padded batches,
+the model on length-grouped batches, at several batch sizes and thread counts.
+
+    python bench/call_profile.py --data ../shared/data/sst2 \\
+        student_int8=/tmp/kdpipe-bench/sst2/full/work/quantized \\
+        teacher_int8=/tmp/kdpipe-bench/sst2/full/work/evaluation/teacher_int8
+
+For each folder, thread count and batch size b (the first b validation texts, as
+bench/run.py times them), median milliseconds per call of:
+
+- ``tokenize``: the Rust backend encoding the b texts (``Predictor._encodings``);
+- ``model_padded``: one ONNX Runtime run on the b texts padded to the longest;
+- ``model_grouped``: the runs ``Predictor.logits`` makes, texts of similar length together;
+- ``call``: ``Predictor.logits`` as a user calls it (tokenize + grouped runs + gathering);
+
+and ``padded_over_real``: tokens computed over real tokens in the padded batch. Prints a
+markdown table and writes bench/results/profile_<data name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import run as bench  # noqa: E402
+
+BATCHES = (1, 32, 256)
+
+
+def profile(folder: Path, texts: list[str], threads: int, budget: float) -> list[dict]:
+    from kdpipe.evaluation.latency import batch_of
+    from kdpipe.serve import Predictor, length_groups
+
+    predictor = Predictor(folder, threads=threads, batch_size=max(BATCHES))
+    rows = []
+    for size in BATCHES:
+        batch = batch_of(texts, size)
+        encodings = predictor._encodings(batch)
+        lengths = [len(e) for e in encodings]
+        padded = predictor._feed(predictor._encodings(batch))
+        groups = [predictor._feed([predictor._encodings(batch)[i] for i in g])
+                  for g in length_groups(lengths, predictor.batch_size)]
+
+        def ms(call) -> float:
+            return float(np.median(bench.timed(call, budget)) * 1000)
+
+        rows.append({
+            "threads": threads, "batch": size,
+            "padded_over_real": max(lengths) * size / sum(lengths),
+            "groups": len(groups),
+            "tokenize_ms": ms(lambda b=batch: predictor._encodings(b)),
+            "model_padded_ms": ms(lambda f=padded: predictor.run(f)),
+            "model_grouped_ms": ms(lambda g=groups: [predictor.run(f) for f in g]),
+            "call_ms": ms(lambda b=batch: predictor.logits(b)),
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a folder with validation.csv")
+    parser.add_argument("folders", nargs="+", help="NAME=exported folder")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--budget", type=float, default=3.0)
+    args = parser.parse_args()
+    import pandas as pd
+
+    texts = pd.read_csv(Path(args.data) / "validation.csv", keep_default_na=False)["text"]
+    texts = [str(t) for t in texts]
+    results = {}
+    for item in args.folders:
+        name, _, folder = item.partition("=")
+        results[name] = [row for t in args.threads.split(",")
+                         for row in profile(Path(folder), texts, int(t), args.budget)]
+    print("\n| model | threads | batch | padded/real | groups | tokenize ms | model padded ms | "
+          "model grouped ms | call ms | call texts/s |")
+    print("| --- | " + "---: | " * 9)
+    for name, rows in results.items():
+        for r in rows:
+            print(f"| {name} | {r['threads']} | {r['batch']} | {r['padded_over_real']:.2f} | "
+                  f"{r['groups']} | {r['tokenize_ms']:.3f} | {r['model_padded_ms']:.3f} | "
+                  f"{r['model_grouped_ms']:.3f} | {r['call_ms']:.3f} | "
+                  f"{1000 * r['batch'] / r['call_ms']:,.0f} |")
+    data = Path(args.data).resolve().name
+    bench.write_json(bench.RESULTS / f"profile_{data}.json",
+                     {"data": data, "machine": bench.machine(), "models": results})
+
+
+if __name__ == "__main__":
+    main()

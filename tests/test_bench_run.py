@@ -1,0 +1,106 @@
+"""bench/run.py end to end on a tiny teacher and a separable fixture: the pipeline through
+DVC, every system scored and timed, the re-run, the JSON other scripts read. (A scaling
+point is the same pipeline run on ``subset_data``'s output, tested on its own.)"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import separable_rows, write_csv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import run as bench  # noqa: E402
+from baseline import tfidf_lr  # noqa: E402
+
+
+def _data(folder: Path) -> Path:
+    rows = separable_rows(360)
+    write_csv(folder / "train.csv", [(t, int(lab == "pos")) for t, lab in rows[:240]])
+    write_csv(folder / "validation.csv", [(t, int(lab == "pos")) for t, lab in rows[240:300]])
+    write_csv(folder / "test.csv", [(t, int(lab == "pos")) for t, lab in rows[300:]])
+    return folder
+
+
+def test_tfidf_baseline_learns_a_separable_set_and_saves_its_weights(tmp_path):
+    rows = separable_rows(300)
+    texts, labels = [t for t, _ in rows], np.array([int(lab == "pos") for _, lab in rows])
+    model, info = tfidf_lr(texts[:200], labels[:200], texts[200:], labels[200:], 2,
+                           tmp_path / "tfidf")
+    assert info["C"] in (0.5, 2.0, 8.0)
+    predicted = model.logits(texts[200:]).argmax(axis=1)
+    assert (predicted == labels[200:]).mean() > 0.9
+    vocab = len(json.loads((tmp_path / "tfidf" / "vocab.json").read_text()))
+    assert model.params == 2 * vocab + 1  # binary: one weight row and one idf per term, 1 bias
+
+
+def test_subset_keeps_the_fraction_and_the_other_splits(tmp_path):
+    data = _data(tmp_path / "data")
+    subset = bench.subset_data(data, tmp_path / "sub", 0.25)
+    assert len((subset / "train.csv").read_text().splitlines()) == 1 + 60
+    assert (subset / "test.csv").read_bytes() == (data / "test.csv").read_bytes()
+
+
+def test_targets_are_checked_against_their_thresholds():
+    systems = {"student_int8": {"pct_of_teacher": 98.5, "throughput_b32": 2000,
+                                "latency_b1_p50_ms": 0.4, "size_bytes": 1_000, "accuracy": 0.9},
+               "teacher_int8": {"throughput_b32": 100}, "tfidf_lr": {"accuracy": 0.86}}
+    doc = {"data": "sst2", "systems": systems, "teacher": {"onnx_fp32_bytes": 30_000},
+           "cold": True, "total_seconds": 3000, "rerun": {"fraction_of_cold": 0.2}}
+    targets = bench.check_targets(doc)
+    assert {k: t["met"] for k, t in targets.items()} == {
+        "int8_pct_of_teacher": True, "b32_vs_teacher_int8": False, "b1_p50_ms": False,
+        "teacher_onnx_over_folder": True, "points_over_tfidf": False, "cold_minutes": True,
+        "rerun_fraction_of_cold": False}
+    assert targets["b32_vs_teacher_int8"]["value"] == 20.0
+    doc["data"] = "ag_news"
+    systems["student_int8"]["pct_of_teacher"] = 97.2
+    assert bench.check_targets(doc)["int8_pct_of_teacher"]["met"]
+
+
+@pytest.mark.slow
+def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys):
+    data = _data(tmp_path / "mini")
+    tiny = [f"teacher.checkpoint={tiny_bert}", "teacher.epochs=1", "student.embedding_dim=16",
+            "distill.epochs=2", "evaluate.latency_repeats=2", "evaluate.latency_warmup=0",
+            "ingest.max_length=32"]
+    argv = ["--data", str(data), "--work", str(tmp_path / "work"), "--results",
+            str(tmp_path / "results"), "--budget", "0.05"]
+    for item in tiny:
+        argv += ["-S", item]
+    doc = bench.main(argv)
+    saved = json.loads((tmp_path / "results" / "mini.json").read_text())
+    assert saved["data"] == "mini" and list(saved["systems"]) == list(bench.SYSTEMS)
+    for name, m in saved["systems"].items():
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["test_accuracy"] is not None, name
+        assert m["latency_b1_p95_ms"] >= m["latency_b1_p50_ms"] > 0, name
+        assert m["throughput_b256"] > 0 and m["size_bytes"] > 0 and m["params"] > 0, name
+    assert saved["systems"]["tfidf_lr"]["accuracy"] > 0.9  # the fixture is separable
+    # The int8 folder is the quantize step's; the hard-label student is a separate run.
+    assert saved["systems"]["student_int8"]["params"] != saved["systems"]["teacher_fp32"]["params"]
+    assert list(saved["step_seconds"]) == ["ingest", "teacher", "soft_labels", "fractionate",
+                                          "distill", "prune", "export", "quantize",
+                                          "evaluate", "register"]
+    assert saved["scaling"]["1"]["train_rows"] == 240
+    rerun = saved["rerun"]
+    # distill and prune read the distill settings; ingest always runs; the rest is skipped.
+    assert rerun["stages_changed"] == ["distill", "ingest", "prune"] and rerun["seconds"] > 0
+    assert set(saved["targets"]) >= {"int8_pct_of_teacher", "b32_vs_teacher_int8",
+                                     "rerun_fraction_of_cold"}
+    assert doc["targets"] == saved["targets"]
+    assert (tmp_path / "results" / "mini.png").stat().st_size > 1000
+    assert "| student_int8 |" in capsys.readouterr().out
+    # Reused with nothing changed since the re-run: DVC skips every stage and the record is
+    # the cold run's, as written to the project while it ran.
+    project = tmp_path / "work" / "mini" / "full"
+    again = bench.run_pipeline(project, data, [], fresh=False)
+    assert again["cold"] and again["step_seconds"] == saved["step_seconds"]
+    # After a change, the stages run again and the record says it was not cold.
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("temperature: 3.0", "temperature: 4.0"))
+    assert bench.dvc_changed(project) == ["distill", "prune"]
+    changed = bench.run_pipeline(project, data, [], fresh=False)
+    assert not changed["cold"] and list(changed["step_seconds"]) == list(saved["step_seconds"])
+    assert bench.dvc_changed(project) == []
