@@ -42,7 +42,8 @@ def profile(folder: Path, texts: list[str], threads: int, budget: float) -> list
         encodings = predictor._encodings(batch)
         lengths = [len(e) for e in encodings]
         padded = predictor._feed(predictor._encodings(batch))
-        groups = [predictor._feed([predictor._encodings(batch)[i] for i in g])
+        fresh = predictor._encodings(batch)  # _feed pads in place: one unpadded set per feed
+        groups = [predictor._feed([fresh[i] for i in g])
                   for g in length_groups(lengths, predictor.batch_size)]
 
         def ms(call) -> float:

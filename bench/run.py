@@ -134,11 +134,15 @@ def run_pipeline(project: Path, data: Path, overrides: list[str], fresh: bool) -
     return record
 
 
+def dvc_status(project: Path) -> list[str]:
+    """Stages ``dvc repro`` would run, sorted."""
+    return sorted(json.loads(dvc(project, "status", "--json", capture=True) or "{}"))
+
+
 def dvc_changed(project: Path) -> list[str]:
-    """Stages ``dvc repro`` would run (ingest, always changed, is not counted: it re-runs in
-    seconds and leaves byte-identical outputs)."""
-    status = json.loads(dvc(project, "status", "--json", capture=True) or "{}")
-    return sorted(stage for stage in status if stage != "ingest")
+    """``dvc_status`` without ingest, which is always changed: it re-runs in seconds and
+    leaves byte-identical outputs."""
+    return [stage for stage in dvc_status(project) if stage != "ingest"]
 
 
 def make_project(project: Path, data: Path, overrides: list[str]) -> None:
@@ -181,7 +185,7 @@ def rerun_after_distill_change(project: Path, cold_seconds: float) -> dict:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params[section][key] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = sorted(json.loads(dvc(project, "status", "--json", capture=True) or "{}"))
+    changed = dvc_status(project)
     start = time.perf_counter()
     dvc(project, "repro")
     seconds = round(time.perf_counter() - start, 1)
