@@ -37,6 +37,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.metrics import accuracy_and_f1
 from kdpipe.models.students import StudentOutput, build_student, count_parameters, save_student
 from kdpipe.models.teacher import load_tokenizer, quiet_transformers
+from kdpipe.optim import adamw
 from kdpipe.progress import progress_bar
 from kdpipe.steps import StepResult, fractionate, soft_labels
 from kdpipe.steps.ingest import read_labels, read_split
@@ -185,7 +186,7 @@ def make_trainer(cfg: Config, data: TransferData, teacher_dir: Path, tokenizer: 
                           "teacher's features; set soft_labels.features=true")
     heads = make_heads(cfg, student, data, active)
     params = list(student.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay)
+    optimizer = adamw(params, d.lr, d.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(d.warmup_ratio * steps),
                                                 max(steps, 1))
     t = Trainer(cfg, data, student, heads, optimizer, scheduler)

@@ -27,6 +27,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.metrics import accuracy_and_f1
 from kdpipe.models.students import load_student
 from kdpipe.models.teacher import quiet_transformers
+from kdpipe.optim import adamw
 from kdpipe.progress import progress_bar
 from kdpipe.steps import StepResult, distill
 from kdpipe.threads import torch_threads
@@ -156,8 +157,7 @@ def finetune(cfg: Config, model: pruning.PrunedStudent,
     # Magnitude pruning's zeros, held at zero after every step (else the fine-tune revives them).
     zeros = [] if cfg.prune.unstructured_sparsity == 0 else [
         (w, w == 0) for w in (getattr(m, n) for m, n in pruning.prunable_weights(model))]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.prune.finetune_lr,
-                                  weight_decay=d.weight_decay)
+    optimizer = adamw(model.parameters(), cfg.prune.finetune_lr, d.weight_decay)
     epochs = cfg.prune.finetune_epochs
     steps = epochs * -(-len(rows) // d.batch_size)
     t = distill.Trainer(cfg, data, model, nn.ModuleDict(), optimizer,

@@ -45,6 +45,7 @@ from kdpipe.models.teacher import (
     predict_logits,
     quiet_transformers,
 )
+from kdpipe.optim import adamw
 from kdpipe.progress import progress_bar
 from kdpipe.steps import StepResult
 from kdpipe.steps.ingest import read_labels, read_split
@@ -237,7 +238,7 @@ def attach_model(t: Training, model: Any) -> None:
     cfg = t.cfg.teacher
     t.model = model.to(t.device)
     t.model.train()
-    t.optimizer = torch.optim.AdamW(no_decay_param_groups(t.model, cfg.weight_decay), lr=cfg.lr)
+    t.optimizer = adamw(no_decay_param_groups(t.model, cfg.weight_decay), cfg.lr, 0.0)
     t.scheduler = get_linear_schedule_with_warmup(t.optimizer, t.plan.warmup_steps,
                                                   t.plan.total_steps)
     # Only fp16 needs loss scaling: bf16 has fp32's range.
