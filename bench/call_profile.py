@@ -3,7 +3,7 @@ the model on length-grouped batches, at several batch sizes and thread counts.
 
     python bench/call_profile.py --data ../shared/data/sst2 \\
         student_int8=/tmp/kdpipe-bench/sst2/full/work/quantized \\
-        teacher_int8=/tmp/kdpipe-bench/sst2/full/work/evaluation/teacher_int8
+        teacher_int8=/tmp/kdpipe-bench/sst2/full/work/baseline/teacher_int8
 
 For each folder, thread count and batch size b (the first b validation texts, as
 bench/run.py times them), median milliseconds per call of:

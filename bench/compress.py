@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kdpipe.config import load_config
 from kdpipe.evaluation.models import folder_bytes
-from kdpipe.steps import evaluate, export, prune, quantize
+from kdpipe.steps import baseline, evaluate, export, prune, quantize
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,15 +46,16 @@ def main() -> None:
                            out / "pruned"),
         "export": export.run(cfg, out / "pruned", prepared, out / "export"),
         "quantize": quantize.run(cfg, out / "export", prepared, out / "quantized"),
-        "evaluate": evaluate.run(cfg, prepared, teacher, Path(args.student), out / "pruned",
-                                 out / "quantized", out / "evaluation"),
+        "baseline": baseline.run(cfg, prepared, teacher, out / "baseline"),
+        "evaluate": evaluate.run(cfg, prepared, teacher, out / "baseline", Path(args.student),
+                                 out / "pruned", out / "quantized", out / "evaluation"),
     }
     for name, result in steps.items():
         print(f"{name}: {result.summary}")
     ev = json.loads((out / "evaluation" / "metrics.json").read_text())
     exported = json.loads((out / "export" / "export.json").read_text())
     quant = json.loads((out / "quantized" / "quantize.json").read_text())
-    teacher_onnx = out / "evaluation" / "teacher_onnx" / "model.onnx"
+    teacher_onnx = out / "baseline" / "teacher_onnx" / "model.onnx"
     report = {
         "data": work.name, "machine": f"{platform.machine()}, 2 cores",
         "overrides": args.overrides, "student": args.student,

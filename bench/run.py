@@ -240,7 +240,7 @@ def open_system(name: str, project: Path, extra: dict, threads: int, tokenizer: 
     if name == "teacher_fp32":
         return models.pytorch_teacher(name, paths.teacher, tokenizer, max_length, batch)
     if name == "teacher_int8":
-        return models.onnx_folder(name, paths.evaluation / "teacher_int8", threads, batch)
+        return models.onnx_folder(name, paths.baseline / "teacher_int8", threads, batch)
     if name == "tfidf_lr":
         return extra["tfidf_lr"]["model"]
     folder = {"student_hard": extra["student_hard"]["folder"], "student_kd": paths.student,
@@ -327,7 +327,7 @@ def results_doc(name: str, project: Path, systems: dict, extra: dict, cold: dict
     ``rerun`` and ``targets``."""
     cfg = project_config(project)
     teacher = systems["teacher_fp32"]
-    onnx = cfg.paths.evaluation / "teacher_onnx" / "model.onnx"
+    onnx = cfg.paths.baseline / "teacher_onnx" / "model.onnx"
     for record in systems.values():
         record["pct_of_teacher"] = round(100 * record["accuracy"] / teacher["accuracy"], 2)
     return {

@@ -1,8 +1,9 @@
-"""The evaluate step on tiny models built here (a briefly trained 2-layer BERT teacher, an
-untrained TextCNN student, its pruned copy, its exported and int8-quantized folder): every
-model is scored and timed, the teacher's int8 ONNX copy agrees with it, ratios follow from
-the numbers they divide, the plot files hold what DVC expects, and a missing model folder is
-a one-line error."""
+"""The baseline and evaluate steps on tiny models built here (a briefly trained 2-layer BERT
+teacher, an untrained TextCNN student, its pruned copy, its exported and int8-quantized
+folder): every model is scored and timed, the teacher's int8 ONNX copy agrees with it, the
+teachers are measured once (baseline) and taken as they are by evaluate, ratios follow from
+the numbers they divide, the plot files hold what DVC expects, and a missing model folder or
+a baseline made with other settings is a one-line error."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.models import folder_bytes
 from kdpipe.models.students import count_parameters, load_student
 from kdpipe.serve import Predictor, load_tokenizer
-from kdpipe.steps import evaluate, export, quantize
+from kdpipe.steps import baseline, evaluate, export, quantize
 from kdpipe.steps.ingest import read_split
 
 MODELS = ["teacher", "teacher_int8", "student", "pruned", "quantized"]
@@ -75,8 +76,10 @@ def run_folders(tmp_path_factory, tiny_bert):
     tokenizer.save_pretrained(root / "pruned")
     export.run(cfg, student, prepared, root / "export")
     quantize.run(cfg, root / "export", prepared, root / "quantized")
-    folders = {"prepared_dir": prepared, "teacher_dir": teacher, "student_dir": student,
-               "pruned_dir": root / "pruned", "quantized_dir": root / "quantized"}
+    baseline.run(cfg, prepared, teacher, root / "baseline")
+    folders = {"prepared_dir": prepared, "teacher_dir": teacher, "baseline_dir": root / "baseline",
+               "student_dir": student, "pruned_dir": root / "pruned",
+               "quantized_dir": root / "quantized"}
     return cfg, folders
 
 
@@ -89,6 +92,10 @@ def evaluated(run_folders, tmp_path_factory):
     return result, json.loads((out / "metrics.json").read_text()), out
 
 
+def without_ratios(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "vs_teacher"}
+
+
 def test_every_model_is_scored_timed_and_sized(evaluated, run_folders):
     _, folders = run_folders
     result, doc, out = evaluated
@@ -97,7 +104,8 @@ def test_every_model_is_scored_timed_and_sized(evaluated, run_folders):
                                                                           rows, 1)
     assert doc["labels"] == ["neg", "pos"] and doc["reference"] == "teacher"
     assert list(doc["models"]) == MODELS
-    where = {"teacher": folders["teacher_dir"], "teacher_int8": out / "teacher_int8",
+    where = {"teacher": folders["teacher_dir"],
+             "teacher_int8": folders["baseline_dir"] / "teacher_int8",
              "student": folders["student_dir"], "pruned": folders["pruned_dir"],
              "quantized": folders["quantized_dir"]}
     for name, m in doc["models"].items():
@@ -131,9 +139,33 @@ def test_teacher_int8_agrees_with_the_teacher(evaluated):
     assert abs(int8["accuracy"] - teacher["accuracy"]) <= 0.1
 
 
-def test_teacher_onnx_folders_are_predictor_folders(evaluated, run_folders):
+def test_teachers_are_measured_once_by_the_baseline_step(evaluated, run_folders):
     _, folders = run_folders
-    _, _, out = evaluated
+    _, doc, out = evaluated
+    made = json.loads((folders["baseline_dir"] / "metrics.json").read_text())
+    assert list(made["models"]) == ["teacher", "teacher_int8"]
+    for name in ("teacher", "teacher_int8"):
+        assert without_ratios(doc["models"][name]) == without_ratios(made["models"][name])
+        assert made["reliability"][name] and sum(b["count"] for b in made["reliability"][name]) \
+            == doc["rows"]
+    predicted = np.load(folders["baseline_dir"] / "predicted_teacher.npy")
+    assert predicted.shape == (doc["rows"],)
+
+    def plotted(name: str) -> list[int]:
+        rows = read_csv(out / "plots" / f"confusion_{name}.csv")
+        return [doc["labels"].index(r["predicted"]) for r in rows]
+
+    assert plotted("teacher") == predicted.tolist()
+    # The students' agreement is with the baseline's teacher predictions.
+    student = np.array(plotted("student"))
+    assert doc["models"]["student"]["agreement_with_teacher"] == pytest.approx(
+        float(np.mean(student == predicted)))
+    assert not (out / "teacher_int8").exists() and not (out / "teacher_onnx").exists()
+
+
+def test_teacher_onnx_folders_are_predictor_folders(run_folders):
+    _, folders = run_folders
+    out = folders["baseline_dir"]
     record = json.loads((out / "teacher_onnx" / "export.json").read_text())
     assert record["parity"]["passed"] and record["parity"]["max_abs_diff"] <= 1e-4
     assert record["max_length"] == 32 and record["source"] == str(folders["teacher_dir"])
@@ -219,7 +251,6 @@ def test_without_the_teacher_there_are_no_ratios(run_folders, tmp_path):
     for m in doc["models"].values():
         assert m["agreement_with_teacher"] is None and m["vs_teacher"] is None
         assert np.array(m["confusion"]).sum() == 8 and list(m["latency_ms"]) == ["b2"]
-    assert not (tmp_path / "ev" / "teacher_onnx").exists()
     assert "student.agreement_with_teacher" not in result.metrics
     assert "student.latency_b2_p50_ms" in result.metrics
     assert read_csv(tmp_path / "ev" / "plots" / "accuracy_latency.csv")[0].keys() == {
@@ -228,7 +259,8 @@ def test_without_the_teacher_there_are_no_ratios(run_folders, tmp_path):
 
 @pytest.mark.parametrize("missing,step", [("pruned_dir", "prune"),
                                           ("quantized_dir", "quantize"),
-                                          ("teacher_dir", "teacher")])
+                                          ("teacher_dir", "teacher"),
+                                          ("baseline_dir", "baseline")])
 def test_missing_model_folder_is_a_one_line_error(run_folders, tmp_path, missing, step):
     cfg, folders = run_folders
     gone = tmp_path / "nowhere"
@@ -253,9 +285,44 @@ def test_a_model_with_other_labels_is_refused(run_folders, tmp_path):
     three = build_tiny_bert(tmp_path / "three", num_labels=3)
     e = cfg.evaluate.model_copy(update={"models": ["teacher"]})
     with pytest.raises(KdpipeError, match="predicts 3 labels but the prepared data has 2"):
-        evaluate.run(cfg.model_copy(update={"evaluate": e}), out_dir=tmp_path / "ev",
-                     **{**folders, "teacher_dir": three})
-    assert not (tmp_path / "ev").exists()
+        baseline.run(cfg.model_copy(update={"evaluate": e}), folders["prepared_dir"], three,
+                     tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+
+
+def test_a_baseline_made_with_other_settings_is_refused(run_folders, tmp_path):
+    cfg, folders = run_folders
+    for change in ({"max_rows": 8}, {"latency_repeats": 2}, {"threads": 2}):
+        e = cfg.evaluate.model_copy(update=change)
+        with pytest.raises(KdpipeError) as caught:
+            evaluate.run(cfg.model_copy(update={"evaluate": e}), out_dir=tmp_path / "ev",
+                         **folders)
+        message = str(caught.value)
+        assert message.startswith(f"{folders['baseline_dir'] / 'metrics.json'}: made with ")
+        assert "`kdpipe baseline`" in message and "\n" not in message
+        assert not (tmp_path / "ev").exists()
+
+
+def test_a_baseline_without_a_listed_teacher_is_refused(run_folders, tmp_path):
+    cfg, folders = run_folders
+    e = cfg.evaluate.model_copy(update={"models": ["teacher", "quantized"], "max_rows": 8,
+                                        "latency_batch_sizes": [1], "latency_repeats": 1})
+    small = cfg.model_copy(update={"evaluate": e})
+    result = baseline.run(small, folders["prepared_dir"], folders["teacher_dir"],
+                          tmp_path / "base")
+    assert set(result.metrics) >= {"teacher.accuracy", "teacher.latency_b1_p50_ms"}
+    assert not (tmp_path / "base" / "teacher_int8").exists()
+    both = small.model_copy(update={"evaluate": e.model_copy(
+        update={"models": ["teacher_int8", "quantized"]})})
+    with pytest.raises(KdpipeError, match=r"has no 'teacher_int8'.*`kdpipe baseline`"):
+        evaluate.run(both, out_dir=tmp_path / "ev", **{**folders, "baseline_dir": tmp_path / "base"})
+    done = evaluate.run(small, out_dir=tmp_path / "ev", **{**folders,
+                                                            "baseline_dir": tmp_path / "base"})
+    assert done.metrics["quantized.agreement_with_teacher"] >= 0.0
+    none = small.model_copy(update={"evaluate": e.model_copy(update={"models": ["student"]})})
+    empty = baseline.run(none, folders["prepared_dir"], folders["teacher_dir"],
+                         tmp_path / "none")
+    assert empty.metrics == {} and "no teacher" in empty.summary
 
 
 def test_a_rerun_replaces_the_output_whole(run_folders, evaluated, tmp_path):

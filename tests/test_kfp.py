@@ -22,8 +22,8 @@ from kdpipe.kfp.pipeline import compile_pipeline, params_text
 from kdpipe.kfp.submit import check_cluster_config, submit
 
 REPO = Path(__file__).resolve().parents[1]
-COMPONENTS = {"ingest", "teacher", "plan-shards", "soft-label-shard", "merge-soft-labels",
-              "fractionate", "distill", "prune", "export", "quantize", "evaluate", "gate",
+COMPONENTS = {"ingest", "teacher", "baseline", "plan-shards", "soft-label-shard",
+              "merge-soft-labels", "fractionate", "distill", "prune", "export", "quantize", "evaluate", "gate",
               "register"}
 GPU_TASKS = {"teacher", "soft-label-shard", "export"}
 CLUSTER_TRACKING = {"tracking": {"uri": "http://mlflow.example:5000"}}
@@ -106,6 +106,13 @@ def test_soft_labels_fan_out_over_the_shard_plan_and_are_collected(spec):
     merge = root["merge-soft-labels"]["inputs"]["artifacts"]["shards"]
     assert merge["taskOutputArtifact"]["producerTask"] == next(
         n for n, t in root.items() if "parameterIterator" in t)
+
+
+def test_the_teacher_is_measured_beside_the_soft_labels_and_feeds_evaluate(spec):
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root["baseline"]["dependentTasks"]) == {"ingest", "teacher"}
+    given = root["evaluate"]["inputs"]["artifacts"]["baseline"]["taskOutputArtifact"]
+    assert given == {"producerTask": "baseline", "outputArtifactKey": "baseline"}
 
 
 def test_parameters_default_to_the_params_compiled_with(tmp_path):

@@ -449,8 +449,13 @@ class Layout:
         return self.root / "quantized"
 
     @property
+    def baseline(self) -> Path:
+        """The teachers' evaluation records and their ONNX folders (fp32, int8)."""
+        return self.root / "baseline"
+
+    @property
     def evaluation(self) -> Path:
-        """metrics.json, the comparison table, plots, and the teacher's ONNX folders."""
+        """metrics.json, the comparison table and plots of every model."""
         return self.root / "evaluation"
 
     @property

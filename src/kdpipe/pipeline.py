@@ -86,12 +86,21 @@ def _quantize(cfg: Config, log_metric: LogMetric | None) -> StepResult:
     return quantize.run(cfg, paths.exported, paths.prepared, paths.quantized)
 
 
+def _baseline(cfg: Config, log_metric: LogMetric | None) -> StepResult:
+    from kdpipe.steps import baseline
+
+    paths = cfg.paths
+    return baseline.run(cfg, paths.prepared, paths.teacher, paths.baseline,
+                        log_metric=log_metric)
+
+
 def _evaluate(cfg: Config, log_metric: LogMetric | None) -> StepResult:
     from kdpipe.steps import evaluate
 
     paths = cfg.paths
-    return evaluate.run(cfg, paths.prepared, paths.teacher, paths.student, paths.pruned,
-                        paths.quantized, paths.evaluation, log_metric=log_metric)
+    return evaluate.run(cfg, paths.prepared, paths.teacher, paths.baseline, paths.student,
+                        paths.pruned, paths.quantized, paths.evaluation,
+                        log_metric=log_metric)
 
 
 def _register(cfg: Config, log_metric: LogMetric | None) -> StepResult:
@@ -107,6 +116,8 @@ STEPS: tuple[Step, ...] = (
          _ingest),
     Step("teacher", "Fine-tune the teacher on the prepared data (resumes if interrupted).",
          _teacher),
+    Step("baseline", "Score and time the teacher and its int8 ONNX copy: the yardstick.",
+         _baseline),
     Step("soft_labels", "Cache the teacher's logits and [CLS] features for every split.",
          _soft_labels),
     Step("fractionate", "Select and weight the transfer set (uncertainty, balance, schedule).",

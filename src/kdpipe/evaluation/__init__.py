@@ -1,3 +1,5 @@
-"""The parts of the evaluate step: one interface over PyTorch and ONNX models (``models``),
-latency timing (``latency``), the teacher's ONNX and int8 copies (``teacher_onnx``), and the
-table, plot data and charts (``report``). ``kdpipe.steps.evaluate`` composes them."""
+"""The parts of the baseline and evaluate steps: one interface over PyTorch and ONNX models
+(``models``), latency timing (``latency``), the teacher's ONNX and int8 copies
+(``teacher_onnx``), scoring models by name the same way in both steps (``scoring``), and the
+table, plot data and charts (``report``). ``kdpipe.steps.baseline`` (the teachers) and
+``kdpipe.steps.evaluate`` (the students, beside the teachers) compose them."""

@@ -56,6 +56,18 @@ def teacher(params: str, prepared: Input[Dataset], teacher: Output[Model],
 
 
 @component
+def baseline(params: str, prepared: Input[Dataset], teacher: Input[Model],
+             baseline: Output[Artifact], metrics: Output[Metrics]):
+    from pathlib import Path
+
+    from kdpipe.kfp.adapter import run_step
+    from kdpipe.steps import baseline as step
+
+    run_step("baseline", params, lambda cfg, log: step.run(
+        cfg, Path(prepared.path), Path(teacher.path), Path(baseline.path)), metrics)
+
+
+@component
 def plan_shards(params: str) -> List[int]:
     from kdpipe.kfp.adapter import shard_indices
 
@@ -152,7 +164,7 @@ def quantize(params: str, exported: Input[Model], prepared: Input[Dataset],
 
 @component
 def evaluate(params: str, prepared: Input[Dataset], teacher: Input[Model],
-             student: Input[Model], pruned: Input[Model], quantized: Input[Model],
+             baseline: Input[Artifact], student: Input[Model], pruned: Input[Model], quantized: Input[Model],
              evaluation: Output[Artifact], metrics: Output[Metrics],
              confusion: Output[ClassificationMetrics], comparison: Output[Markdown]):
     from pathlib import Path
@@ -161,9 +173,9 @@ def evaluate(params: str, prepared: Input[Dataset], teacher: Input[Model],
     from kdpipe.steps import evaluate as step
 
     def call(cfg, log):
-        result = step.run(cfg, Path(prepared.path), Path(teacher.path), Path(student.path),
-                          Path(pruned.path), Path(quantized.path), Path(evaluation.path),
-                          log_metric=log)
+        result = step.run(cfg, Path(prepared.path), Path(teacher.path), Path(baseline.path),
+                          Path(student.path), Path(pruned.path), Path(quantized.path),
+                          Path(evaluation.path), log_metric=log)
         record_evaluation(cfg, Path(evaluation.path), confusion, comparison)
         return result
 

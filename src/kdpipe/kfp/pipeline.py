@@ -1,7 +1,9 @@
 """The kdpipe DAG for Kubeflow Pipelines: compile it, or run it here in subprocesses.
 
 ingest -> teacher -> soft-label shards (dsl.ParallelFor) -> merge -> fractionate -> distill
--> prune -> export -> quantize -> evaluate -> gate -> register (under dsl.If on the gate).
+-> prune -> export -> quantize -> evaluate -> gate -> register (under dsl.If on the gate);
+baseline (the teacher scored and timed) runs beside the soft labels, after the teacher, and
+feeds evaluate.
 
 Pipeline parameters: ``params`` (every setting of params.yaml, as JSON; defaults to the
 params the pipeline was compiled with), ``cpu_image`` and ``gpu_image`` (``kfp.*``). The
@@ -45,6 +47,7 @@ class Resources:
 RESOURCES: dict[str, Resources] = {
     "ingest": Resources("1", "2Gi"),
     "teacher": Resources("4", "16Gi", gpu=True),
+    "baseline": Resources("4", "8Gi", cpu_limit="4"),  # timed: a limit keeps it honest
     "plan_shards": Resources("100m", "512Mi"),
     "soft_label_shard": Resources("2", "8Gi", gpu=True),
     "merge_soft_labels": Resources("1", "4Gi"),
@@ -63,6 +66,7 @@ RESOURCES: dict[str, Resources] = {
 LAYOUT_OUTPUTS: dict[tuple[str, str], str] = {
     ("ingest", "prepared"): "prepared",
     ("teacher", "teacher"): "teacher",
+    ("baseline", "baseline"): "baseline",
     ("merge-soft-labels", "soft_labels"): "soft_labels",
     ("fractionate", "fractions"): "fractions",
     ("distill", "student"): "student",
@@ -73,8 +77,8 @@ LAYOUT_OUTPUTS: dict[tuple[str, str], str] = {
     ("register", "registration"): "registration",
 }
 STEP_COMPONENTS: dict[str, str] = {
-    "ingest": "ingest", "teacher": "teacher", "soft_labels": "merge-soft-labels",
-    "fractionate": "fractionate", "distill": "distill", "prune": "prune", "export": "export",
+    "ingest": "ingest", "teacher": "teacher", "baseline": "baseline",
+    "soft_labels": "merge-soft-labels", "fractionate": "fractionate", "distill": "distill", "prune": "prune", "export": "export",
     "quantize": "quantize", "evaluate": "evaluate", "register": "register",
 }
 
@@ -106,6 +110,9 @@ def build_pipeline(cfg: Config) -> Any:
 
         prepared = place(c.ingest(params=params), "ingest").outputs["prepared"]
         teacher = place(c.teacher(params=params, prepared=prepared), "teacher")
+        yardstick = place(c.baseline(params=params, prepared=prepared,
+                                     teacher=teacher.outputs["teacher"]),
+                          "baseline").outputs["baseline"]
         plan = place(c.plan_shards(params=params), "plan_shards")
         with dsl.ParallelFor(plan.output) as shard:
             labelled = place(c.soft_label_shard(
@@ -126,7 +133,8 @@ def build_pipeline(cfg: Config) -> Any:
         quantized = place(c.quantize(params=params, exported=exported, prepared=prepared),
                           "quantize").outputs["quantized"]
         evaluation = place(c.evaluate(params=params, prepared=prepared,
-                                      teacher=teacher.outputs["teacher"], student=student,
+                                      teacher=teacher.outputs["teacher"],
+                                      baseline=yardstick, student=student,
                                       pruned=pruned, quantized=quantized),
                            "evaluate").outputs["evaluation"]
         blessing = place(c.gate(params=params, evaluation=evaluation, exported=exported,
