@@ -18,7 +18,7 @@ run: setup
 	$(BIN)/kdpipe run
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto  # one worker per core (pytest-xdist)
 
 # The DVC pipeline: kdpipe must be on PATH for the stages' commands.
 repro: setup

@@ -1,8 +1,9 @@
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
-from kdpipe import __version__
+from kdpipe import __version__, cli
 from kdpipe.cli import app
 from kdpipe.config import Config
 from kdpipe.pipeline import STEPS
@@ -63,8 +64,11 @@ def champion_of(client):
     return client.get_registered_model(REGISTERED).aliases.get("champion")
 
 
-def test_models_lists_versions_with_metrics_and_aliases(fake_registry):
-    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "160"})
+def test_models_lists_versions_with_metrics_and_aliases(fake_registry, monkeypatch):
+    # Wide enough for one line per version whatever terminal (or none) the tests run in:
+    # the CLI's console measures its width once, when kdpipe.cli is imported.
+    monkeypatch.setattr(cli, "out", Console(width=160))
+    result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     v1 = next(line for line in lines if "81.00%" in line)
