@@ -98,7 +98,7 @@ def main() -> None:
                                  *STUDENT_SETTINGS[student], *VARIANTS[variant](epochs),
                                  *settings])
         row = {"student": student, "variant": variant, "strategy": strategy,
-               **distil(cfg, f"{student}-{variant}-{strategy}")}
+               "epochs": epochs, **distil(cfg, f"{student}-{variant}-{strategy}")}
         row["pct_of_teacher"] = round(100 * row["val_accuracy"] / teacher_acc, 2)
         rows.append(row)
         print(f"{student:12s} {variant:11s} {strategy:18s} acc {row['val_accuracy']:.4f} "
@@ -132,12 +132,13 @@ def save(args: argparse.Namespace, name: str, teacher_acc: float, rows: list[dic
 
 def print_table(rows: list[dict], teacher_acc: float) -> None:
     print(f"\nteacher validation accuracy: {teacher_acc:.4f}\n")
-    print("| student | loss | fractionation | val acc | % of teacher | macro-F1 | epochs | "
-          "params | seconds |")
+    print("| student | loss | fractionation | val acc | % of teacher | macro-F1 | epochs run "
+          "| params | seconds |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['student']} | {r['variant']} | {r['strategy']} | {r['val_accuracy']:.4f} "
-              f"| {r['pct_of_teacher']:.1f} | {r['val_macro_f1']:.4f} | {r['epochs_run']:.0f} "
+              f"| {r['pct_of_teacher']:.1f} | {r['val_macro_f1']:.4f} | {r['epochs_run']:.0f}"
+              f"{'/' + str(r['epochs']) if 'epochs' in r else ''} "
               f"| {r['params']:,} | {r['seconds']:.0f} |")
 
 
