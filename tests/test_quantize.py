@@ -168,3 +168,24 @@ def test_torch_dynamic_says_why_it_cannot_ship(exported, tmp_path):
         quantize.run(with_quantize(cfg, method="torch_dynamic"), folder, cfg.paths.prepared,
                      tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("calibration", ["entropy", "percentile"])
+def test_histogram_calibration_on_batches_of_different_lengths(exported, tmp_path, calibration):
+    # ORT's histogram calibrators stack every batch's activations into one array, so every
+    # calibration batch must have the same shape; train batches differ in longest text.
+    cfg, folder = exported
+    train = quantize.read_split(cfg.paths.prepared / "train.parquet").texts
+    predictor = Predictor(folder, threads=1, batch_size=quantize.CALIBRATION_BATCH)
+    widths = {feed["input_ids"].shape[1] for feed in predictor.encode(list(train)[:96])}
+    assert len(widths) > 1  # the fixture really has batches of different lengths
+    cfg = with_quantize(cfg, method="ort_static", calibration=calibration,
+                        calibration_batches=3, max_accuracy_drop=1.0)
+    quantize.run(cfg, folder, cfg.paths.prepared, tmp_path / "q")
+    assert "QuantizeLinear" in ops_of(tmp_path / "q")
+    rec = record(tmp_path / "q")
+    assert rec["calibration"] == calibration and rec["calibration_batches"] == 3
+    assert rec["calibration_width"] == max(widths)
+    fp32 = Predictor(folder, threads=1).logits(TEXTS)
+    int8 = Predictor(tmp_path / "q", threads=1).logits(TEXTS)
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.75

@@ -223,3 +223,19 @@ def test_grouped_logits_come_back_in_input_order(folders):
              for i in range(40)]
     alone = np.concatenate([predictor.logits(t) for t in texts])
     np.testing.assert_allclose(predictor.logits(texts), alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_same_width_pads_every_batch_to_the_longest_text(folders, fast):
+    predictor = Predictor(folders["textcnn"][1], threads=1, batch_size=2)
+    if not fast:
+        predictor.backend = None
+    texts = ["good", "bad", "the phone was broken and sad, really very dull", "ok", "fine"]
+    ragged = [feed["input_ids"].shape[1] for feed in predictor.encode(texts)]
+    assert len(set(ragged)) > 1
+    feeds = list(predictor.encode(texts, same_width=True))
+    assert {feed["input_ids"].shape for feed in feeds} == {(2, max(ragged))} | {(1, max(ragged))}
+    assert [f["attention_mask"].sum() for f in feeds] == [
+        f["attention_mask"].sum() for f in predictor.encode(texts)]
+    assert np.concatenate([predictor.run(f) for f in feeds]).argmax(1).tolist() == \
+        predictor.logits(texts).argmax(1).tolist()

@@ -127,17 +127,25 @@ class Predictor:
             out[rows] = self.run(self._feed([encodings[i] for i in rows]))
         return out
 
-    def encode(self, texts: str | Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
+    def encode(self, texts: str | Iterable[str],
+               same_width: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Session feeds (input name -> (B, L) array), ``batch_size`` texts at a time in
-        input order, each padded to its longest text."""
+        input order, each padded to its longest text; with ``same_width``, every batch to
+        the longest of all ``texts`` (static calibration stacks batches into one array)."""
         items = as_texts(texts)
+        width = None
+        if same_width and items:
+            width = (max(len(e) for e in self._encodings(items)) if self.backend is not None
+                     else max(len(ids) for ids in self.tokenizer(
+                         items, truncation=True, max_length=self.max_length)["input_ids"]))
         for start in range(0, len(items), self.batch_size):
             batch = items[start: start + self.batch_size]
             if self.backend is not None:
-                yield self._feed(self._encodings(batch))
+                yield self._feed(self._encodings(batch), width)
                 continue
-            encoded = self.tokenizer(batch, truncation=True, max_length=self.max_length,
-                                     padding=True, return_tensors="np")
+            padding = {"padding": "max_length", "max_length": width} if width else {
+                "padding": True, "max_length": self.max_length}
+            encoded = self.tokenizer(batch, truncation=True, return_tensors="np", **padding)
             yield {name: np.ascontiguousarray(encoded[name], dtype=dtype or np.int64)
                    for name, dtype in self.inputs.items()}
 
@@ -149,9 +157,10 @@ class Predictor:
             return self.backend.encode_batch(texts)
         return [self.backend.encode(text) for text in texts]
 
-    def _feed(self, encodings: list[Any]) -> dict[str, np.ndarray]:
-        """Encodings padded on the right to the longest, as session inputs."""
-        longest = max(len(e) for e in encodings)
+    def _feed(self, encodings: list[Any], width: int | None = None) -> dict[str, np.ndarray]:
+        """Encodings padded on the right to the longest (or to ``width``), as session
+        inputs."""
+        longest = width or max(len(e) for e in encodings)
         for encoding in encodings:
             if len(encoding) < longest:
                 encoding.pad(longest, **self._padding)

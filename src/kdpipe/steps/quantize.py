@@ -10,7 +10,8 @@ exported folder whose ``model.onnx`` is replaced by the quantized model per
 - ``ort_static``: ``quantize_static`` in QDQ format, int8 weights and activations,
   calibrated (``quantize.calibration``: minmax, entropy, percentile) on
   ``quantize.calibration_batches`` batches of 32 train texts tokenized as the folder's
-  Predictor does; ``quantize.exclude_nodes`` stay in float. ORT's ``quant_pre_process``
+  Predictor does, every batch padded to the longest of them (the entropy and percentile
+  calibrators need batches of one shape); ``quantize.exclude_nodes`` stay in float. ORT's ``quant_pre_process``
   runs first where it can; where it fails the reason is recorded and it is skipped;
 - ``fp16``: float16 weights and activations (``onnxconverter_common``), inputs and outputs
   kept as they were; for GPU targets (ONNX Runtime's CUDA/TensorRT providers, TensorRT):
@@ -182,7 +183,8 @@ def _static(cfg: Config, fp32: Path, out: Path, export_dir: Path, prepared_dir: 
     if not texts:
         raise KdpipeError(f"{train_path}: no rows to calibrate on")
     predictor = Predictor(export_dir, batch_size=CALIBRATION_BATCH)
-    feeds = list(predictor.encode(texts))
+    # The entropy and percentile calibrators stack all batches' activations into one array.
+    feeds = list(predictor.encode(texts, same_width=True))
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -230,7 +232,8 @@ def _static(cfg: Config, fp32: Path, out: Path, export_dir: Path, prepared_dir: 
         bias = {"quantized": False, "why": f"{type(exc).__name__}: {str(exc)[:200]}"}
         quantize({"QuantizeBias": False})
     return {"pre_process": pre, "bias": bias, "calibration_texts": len(texts),
-            "calibration_batches": len(feeds), "exclude_nodes": list(q.exclude_nodes),
+            "calibration_batches": len(feeds),
+            "calibration_width": int(feeds[0]["input_ids"].shape[1]), "exclude_nodes": list(q.exclude_nodes),
             "op_types": list(q.op_types) or "default", "left_in_float": runtime_only_ops(fp32)}
 
 
