@@ -258,6 +258,13 @@ def test_ema_update_is_momentum_times_old_plus_rest_times_new():
     assert ema.w.item() == pytest.approx(0.9 * 3.0 + 0.1 * 12.0, abs=1e-6)  # 3.9
 
 
+def test_ema_update_refuses_models_of_different_structure():
+    with pytest.raises(ValueError, match="parameters differ"):
+        ema_update(make_ema(OneParameter(1.0)), torch.nn.Linear(1, 1), momentum=0.9)
+    with pytest.raises(ValueError, match=r"momentum: expected in \[0, 1\]"):
+        ema_update(make_ema(OneParameter(1.0)), OneParameter(1.0), momentum=1.5)
+
+
 # ---------------------------------------------------------------- schedules, composition
 
 

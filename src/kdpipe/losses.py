@@ -15,7 +15,7 @@ what weight, and at which temperature, so its loop needs no if-ladder over the c
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -248,10 +248,15 @@ def ema_update(ema_model: nn.Module, model: nn.Module, momentum: float) -> None:
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum: expected in [0, 1], got {momentum}")
-    _zip_state(ema_model.named_parameters(), model.named_parameters(), "parameter",
-               lambda e, p: e.mul_(momentum).add_(p.detach(), alpha=1.0 - momentum))
-    _zip_state(ema_model.named_buffers(), model.named_buffers(), "buffer",
-               lambda e, b: e.copy_(b))
+    averaged, online = _paired(ema_model.named_parameters(), model.named_parameters(),
+                               "parameter")
+    # One multi-tensor lerp (ema + (1 - m)(p - ema)), as torch.optim.swa_utils' EMA does:
+    # it runs after every optimizer step, and a mul_ then an add_ per tensor pass over the
+    # embedding matrix twice.
+    torch._foreach_lerp_(averaged, online, 1.0 - momentum)
+    for target, source in zip(*_paired(ema_model.named_buffers(), model.named_buffers(),
+                                       "buffer"), strict=True):
+        target.copy_(source)
 
 
 # ---------------------------------------------------------------- schedules and composition
@@ -331,12 +336,12 @@ def _layer(states: Sequence[Tensor], index: int, who: str) -> Tensor:
     return states[index]
 
 
-def _zip_state(ema_items: Iterable[tuple[str, Tensor]], model_items: Iterable[tuple[str, Tensor]],
-               kind: str, update: Callable[[Tensor, Tensor], object]) -> None:
+def _paired(ema_items: Iterable[tuple[str, Tensor]], model_items: Iterable[tuple[str, Tensor]],
+            kind: str) -> tuple[list[Tensor], list[Tensor]]:
+    """The EMA model's and the model's tensors, matched by name."""
     ema_items, model_items = dict(ema_items), dict(model_items)
     if ema_items.keys() != model_items.keys():
         raise ValueError(f"ema_update: the two models' {kind}s differ: "
                          f"{sorted(ema_items.keys() ^ model_items.keys())[:5]}")
-    for name, value in model_items.items():
-        update(ema_items[name], value)
+    return [ema_items[n] for n in model_items], [v.detach() for v in model_items.values()]
 
