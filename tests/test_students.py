@@ -214,3 +214,30 @@ def test_damaged_student_folder_names_the_file(damage, tiny_bert, tokenizer, tmp
     with pytest.raises(KdpipeError, match=str(named.name)) as caught:
         load_student(folder)
     assert str(named) in str(caught.value)
+
+
+@pytest.mark.parametrize("widths,filters", [([3, 4, 5], [6, 6, 6]), ([1, 3], [4, 2]), ([2], [5])])
+def test_textcnn_windows_as_matmul_match_its_convolutions(widths, filters):
+    # The exported graph's form (one MatMul over stacked windows) against the trained one,
+    # on texts shorter than the widest filter too, and with unequal filter counts per width
+    # (as structured pruning leaves them).
+    from kdpipe.models.textcnn import TextCNN
+
+    torch.manual_seed(0)
+    model = TextCNN(50, 8, 0, widths, max(filters), 3, 0.0).eval()
+    for i, count in enumerate(filters):
+        conv = model.convs[i]
+        model.convs[i] = torch.nn.Conv1d(8, count, conv.kernel_size[0])
+    model.classifier = torch.nn.Linear(sum(filters), 3)
+    ids = torch.randint(1, 50, (6, 9))
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([9, 1, 2, 3, 5, 7]):
+        mask[row, length:] = 0
+        ids[row, length:] = 0
+    by_conv = model(ids, mask)
+    model.windows_as_matmul = True
+    by_matmul = model(ids, mask)
+    torch.testing.assert_close(by_matmul.features, by_conv.features, atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_matmul.logits, by_conv.logits, atol=1e-5, rtol=0)
+    wider = model(F.pad(ids, (0, 4)), F.pad(mask, (0, 4)))  # more padding changes nothing
+    torch.testing.assert_close(wider.logits, by_matmul.logits, atol=1e-5, rtol=0)

@@ -294,7 +294,8 @@ class QuantizeConfig(Section):
         ["Gather", "MatMul", "LSTM"],
         description="ONNX operator types to quantize ([]: ONNX Runtime's whole set for the "
         "method). Conv is left out by default: ORT's ConvInteger ran the SST-2 TextCNN 2.7x "
-        "slower at batch 32 and 1.6x at batch 1 than float Conv (docs/benchmarks.md).",
+        "slower at batch 32 and 1.6x at batch 1 than float Conv (docs/benchmarks.md); the "
+        "exported TextCNN computes its convolutions as a MatMul, which int8 does speed up.",
     )
     max_accuracy_drop: float = Field(
         0.005, ge=0, description="Keep fp32 if int8 loses more validation accuracy than this."

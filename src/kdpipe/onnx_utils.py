@@ -143,11 +143,16 @@ def exportable(model: nn.Module) -> Iterator[nn.Module]:
 
     The module's own ``forward`` runs, buffers included (e.g. a vocabulary remap); only the
     BiLSTM's packing is replaced, for the duration, by ``MaskedLSTM`` on a copy: the
-    TorchScript exporter fails on ``pack_padded_sequence`` with unsorted lengths.
+    TorchScript exporter fails on ``pack_padded_sequence`` with unsorted lengths; and a
+    TextCNN computes its convolutions as one MatMul (``TextCNN.windows_as_matmul``), which
+    ONNX Runtime's dynamic quantizer turns into fast int8 kernels.
     """
-    from kdpipe.models import bilstm
+    from kdpipe.models import bilstm, textcnn
 
     twin = copy.deepcopy(model).eval()
+    for module in twin.modules():
+        if isinstance(module, textcnn.TextCNN):
+            module.windows_as_matmul = True
     lstm_owners = [m for m in twin.modules() if isinstance(m, bilstm.BiLSTM)]
     for owner in lstm_owners:
         owner.lstm = MaskedLSTM(owner.lstm)

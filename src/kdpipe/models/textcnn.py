@@ -33,15 +33,24 @@ class TextCNN(nn.Module):
         self.feature_dim = num_filters * len(self.filter_sizes)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.feature_dim, num_labels)
+        # Set on the copy that is exported (kdpipe.onnx_utils.exportable): ONNX Runtime
+        # quantizes a MatMul to its fast int8 kernels, but its integer Conv is slower than
+        # its float one, so the exported graph computes the same windows as one MatMul.
+        self.windows_as_matmul = False
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> StudentOutput:
         mask = attention_mask.to(self.embedding.weight.dtype)
         # Zero padded positions whatever the pad row holds, so padding adds nothing to a window.
         embedded = self.embedding(input_ids) * mask.unsqueeze(-1)
+        pool = self._pool_by_matmul if self.windows_as_matmul else self._pool_by_conv
+        features = pool(embedded, attention_mask.sum(1))
+        return StudentOutput(self.classifier(self.dropout(features)), features, None)
+
+    def _pool_by_conv(self, embedded: Tensor, lengths: Tensor) -> Tensor:
+        """Each width's Conv1d, ReLU, max over the windows kept: (B, feature_dim)."""
         # Always pad by widest - 1 zeros (no branch on the length, so it exports with a dynamic
         # length): every filter then has a window even on a text shorter than it.
         embedded = F.pad(embedded.transpose(1, 2), (0, max(self.filter_sizes) - 1))  # (B, E, L')
-        lengths = attention_mask.sum(1)
         pooled = []
         for width, conv in zip(self.filter_sizes, self.convs, strict=True):
             scores = F.relu(conv(embedded))  # (B, num_filters, windows)
@@ -51,5 +60,27 @@ class TextCNN(nn.Module):
             windows = torch.arange(scores.shape[-1], device=scores.device).unsqueeze(0)
             valid = (windows < keep).unsqueeze(1)  # (B, 1, windows)
             pooled.append(scores.masked_fill(~valid, float("-inf")).amax(-1))
-        features = torch.cat(pooled, dim=1)
-        return StudentOutput(self.classifier(self.dropout(features)), features, None)
+        return torch.cat(pooled, dim=1)
+
+    def _pool_by_matmul(self, embedded: Tensor, lengths: Tensor) -> Tensor:
+        """The pooled features of ``forward``'s convolutions, computed as one matrix
+        product: each position's next ``widest`` embeddings side by side (B, L, widest * E)
+        times every filter flattened and zero-filled to the widest width (widest * E, F).
+        Only the first L windows can be kept (a kept window starts inside the text), so L
+        windows per width are enough. The same numbers as the Conv1d path up to float
+        summation order (checked by the export step's parity report and by the tests)."""
+        widest = max(self.filter_sizes)
+        length = embedded.shape[1]
+        padded = F.pad(embedded, (0, 0, 0, widest - 1))  # (B, L + widest - 1, E)
+        stacked = torch.cat([padded[:, i: i + length] for i in range(widest)], dim=-1)
+        weight = torch.cat([
+            F.pad(conv.weight, (0, widest - conv.kernel_size[0])).permute(0, 2, 1)
+            .reshape(conv.out_channels, -1) for conv in self.convs])  # (F, widest * E)
+        bias = torch.cat([conv.bias for conv in self.convs])
+        scores = F.relu(torch.matmul(stacked, weight.t()) + bias)  # (B, L, F)
+        keep = torch.cat([(lengths - width + 1).clamp(min=1).unsqueeze(1)
+                          .expand(-1, conv.out_channels)
+                          for width, conv in zip(self.filter_sizes, self.convs, strict=True)],
+                         dim=1)  # (B, F): windows kept per filter
+        windows = torch.arange(length, device=scores.device).view(1, -1, 1)
+        return scores.masked_fill(windows >= keep.unsqueeze(1), float("-inf")).amax(1)

@@ -13,6 +13,9 @@ whose module maps the tokenizer's ids through its ``vocab_remap`` buffer first) 
   file stays quantizable and TensorRT-readable, and ONNX Runtime still applies its fusions
   when a session loads it. ``extended``/``all`` save ONNX Runtime's own fused operators
   (e.g. ``FusedConv``), which the quantizer leaves in float and only ONNX Runtime runs.
+  A TextCNN is traced with its convolutions as one MatMul over stacked windows
+  (``TextCNN.windows_as_matmul``; the folded weight is an initializer), so the quantize
+  step's int8 MatMul kernels apply to them;
 - the tokenizer files, ``labels.json``;
 - ``export.json``: how the file was made (opset, optimisation, max_length, size, versions),
   the parity report, and the TensorRT status;

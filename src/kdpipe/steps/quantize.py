@@ -17,7 +17,8 @@ exported folder whose ``model.onnx`` is replaced by the quantized model per
   kept as they were; for GPU targets (ONNX Runtime's CUDA/TensorRT providers, TensorRT):
   on a CPU it halves the file but runs no faster;
 - ``torch_dynamic``: a ``KdpipeError`` saying why: torch's ONNX exporters reject its
-  quantized operators, and this step's output is an ONNX folder;
+  quantized operators, and this step's output is an ONNX folder (torch 2.13 also warns
+  that ``torch.ao.quantization.quantize_dynamic`` is deprecated, to move to torchao);
 - ``none``: the model copied unchanged.
 
 Accuracy gate: validation accuracy of the fp32 and the quantized folder, both through
