@@ -67,16 +67,24 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", help="NAME=exported folder")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--budget", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="profile every folder in turn this many times and keep each "
+                             "figure's median: this VM's speed drifts between minutes")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
     import pandas as pd
 
     texts = pd.read_csv(Path(args.data) / "validation.csv", keep_default_na=False)["text"]
     texts = [str(t) for t in texts]
-    results = {}
-    for item in args.folders:
-        name, _, folder = item.partition("=")
-        results[name] = [row for t in args.threads.split(",")
-                         for row in profile(Path(folder), texts, int(t), args.budget)]
+    runs: dict[str, list[list[dict]]] = {}
+    for _ in range(args.rounds):
+        for item in args.folders:
+            name, _, folder = item.partition("=")
+            runs.setdefault(name, []).append(
+                [row for t in args.threads.split(",")
+                 for row in profile(Path(folder), texts, int(t), args.budget)])
+    results = {name: [median_row(rows) for rows in zip(*rounds, strict=True)]
+               for name, rounds in runs.items()}
     print("\n| model | threads | batch | padded/real | groups | tokenize ms | model padded ms | "
           "model grouped ms | call ms | call texts/s |")
     print("| --- | " + "---: | " * 9)
@@ -87,8 +95,15 @@ def main() -> None:
                   f"{r['model_grouped_ms']:.3f} | {r['call_ms']:.3f} | "
                   f"{1000 * r['batch'] / r['call_ms']:,.0f} |")
     data = Path(args.data).resolve().name
-    bench.write_json(bench.RESULTS / f"profile_{data}.json",
-                     {"data": data, "machine": bench.machine(), "models": results})
+    bench.write_json(bench.RESULTS / f"profile_{data}{args.tag}.json",
+                     {"data": data, "machine": bench.machine(), "rounds": args.rounds,
+                      "models": results})
+
+
+def median_row(rows: tuple[dict, ...]) -> dict:
+    """One row per (threads, batch): the rounds' median of every timed figure."""
+    timed = [key for key in rows[0] if key.endswith("_ms")]
+    return {**rows[0], **{key: float(np.median([r[key] for r in rows])) for key in timed}}
 
 
 if __name__ == "__main__":
