@@ -139,6 +139,7 @@ def test_none_copies_unchanged_and_others_are_copied_as_is(exported, tmp_path):
         [p.name for p in folder.iterdir()] + ["quantize.json"])
     assert result.metrics["val_accuracy_fp32"] == result.metrics["val_accuracy_int8"]
     assert result.metrics["kept_int8"] == 1.0
+    assert record(tmp_path / "q")["kept"] == "fp32"
 
 
 def test_output_folder_is_self_contained(exported, tmp_path):
@@ -163,6 +164,9 @@ def test_fp16_halves_the_weights_and_agrees(exported, tmp_path):
     fp32 = Predictor(folder, threads=1).logits(TEXTS)
     half = Predictor(tmp_path / "q", threads=1).logits(TEXTS)
     assert half.dtype == np.float32 and np.abs(fp32 - half).max() < 1e-2
+    rec = record(tmp_path / "q")
+    assert rec["kept"] == "fp16" and rec["why"].startswith("fp16 lost")
+    assert result.metrics["kept_int8"] == 1.0  # the quantized (here: half) model was kept
 
 
 def test_torch_dynamic_says_why_it_cannot_ship(exported, tmp_path):

@@ -25,7 +25,8 @@ Accuracy gate: validation accuracy of the fp32 and the quantized folder, both th
 ``kdpipe.serve.Predictor``. If the quantized model loses more than
 ``quantize.max_accuracy_drop`` the fp32 ``model.onnx`` is kept (and why is recorded).
 Everything but ``model.onnx`` is copied as is; ``quantize.json`` records the method,
-sizes, accuracies, which model was kept and why.
+sizes, accuracies, which model was kept (``kept``: its precision, int8, fp16 or fp32) and
+why.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ QUANTIZE_FILE = "quantize.json"
 CALIBRATION_BATCH = 32
 RECORD_FORMAT = 1
 _FLOAT_DEFAULT = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
+# What each method's model computes in: quantize.json's "kept" names it (or "fp32" when the
+# gate kept the exported model).
+PRECISION = {"ort_dynamic": "int8", "ort_static": "int8", "torch_dynamic": "int8",
+             "fp16": "fp16", "none": "fp32"}
 
 
 def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path) -> StepResult:
@@ -85,14 +90,16 @@ def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path) -> Ste
         record["accuracy"] = {"split": "validation", "rows": len(validation.texts),
                               "fp32": fp32_accuracy, "int8": int8_accuracy}
         drop = fp32_accuracy - int8_accuracy
-        if int8_accuracy < fp32_accuracy - q.max_accuracy_drop:
+        precision = PRECISION[q.method]
+        kept_quantized = int8_accuracy >= fp32_accuracy - q.max_accuracy_drop
+        if not kept_quantized:
             shutil.copyfile(fp32, tmp / MODEL_FILE)
             record["kept"] = "fp32"
-            record["why"] = (f"int8 lost {100 * drop:.2f} points > max_accuracy_drop "
+            record["why"] = (f"{precision} lost {100 * drop:.2f} points > max_accuracy_drop "
                              f"{100 * q.max_accuracy_drop:.2f}")
         else:
-            record["kept"] = "int8"
-            record["why"] = (f"int8 lost {100 * drop:.2f} points <= max_accuracy_drop "
+            record["kept"] = precision
+            record["why"] = (f"{precision} lost {100 * drop:.2f} points <= max_accuracy_drop "
                              f"{100 * q.max_accuracy_drop:.2f}")
         record["size_bytes"] = (tmp / MODEL_FILE).stat().st_size
         record["seconds"] = round(time.perf_counter() - start, 2)
@@ -102,7 +109,7 @@ def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path) -> Ste
                "fp32_bytes": float(sizes["fp32_bytes"]),
                "int8_bytes": float(sizes["int8_bytes"]),
                "val_accuracy_fp32": acc["fp32"], "val_accuracy_int8": acc["int8"],
-               "kept_int8": 1.0 if record["kept"] == "int8" else 0.0}
+               "kept_int8": 1.0 if kept_quantized else 0.0}
     summary = (f"{q.method}: {sizes['fp32_bytes'] / 1e6:.2f} MB -> "
                f"{sizes['int8_bytes'] / 1e6:.2f} MB, validation accuracy "
                f"{acc['fp32']:.2%} -> {acc['int8']:.2%}; kept {record['kept']}")
