@@ -11,8 +11,9 @@ exported folder whose ``model.onnx`` is replaced by the quantized model per
   calibrated (``quantize.calibration``: minmax, entropy, percentile) on
   ``quantize.calibration_batches`` batches of 32 train texts tokenized as the folder's
   Predictor does, every batch padded to the longest of them (the entropy and percentile
-  calibrators need batches of one shape); ``quantize.exclude_nodes`` stay in float. ORT's ``quant_pre_process``
-  runs first where it can; where it fails the reason is recorded and it is skipped;
+  calibrators need batches of one shape); ``quantize.exclude_nodes`` stay in float. ORT's
+  ``quant_pre_process`` runs first where it can; where it fails the reason is recorded and
+  it is skipped;
 - ``fp16``: float16 weights and activations (``onnxconverter_common``), inputs and outputs
   kept as they were; for GPU targets (ONNX Runtime's CUDA/TensorRT providers, TensorRT):
   on a CPU it halves the file but runs no faster;
@@ -92,15 +93,12 @@ def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path) -> Ste
         drop = fp32_accuracy - int8_accuracy
         precision = PRECISION[q.method]
         kept_quantized = int8_accuracy >= fp32_accuracy - q.max_accuracy_drop
+        record["kept"] = precision if kept_quantized else "fp32"
+        record["why"] = (f"{precision} lost {100 * drop:.2f} points "
+                         f"{'<=' if kept_quantized else '>'} max_accuracy_drop "
+                         f"{100 * q.max_accuracy_drop:.2f}")
         if not kept_quantized:
             shutil.copyfile(fp32, tmp / MODEL_FILE)
-            record["kept"] = "fp32"
-            record["why"] = (f"{precision} lost {100 * drop:.2f} points > max_accuracy_drop "
-                             f"{100 * q.max_accuracy_drop:.2f}")
-        else:
-            record["kept"] = precision
-            record["why"] = (f"{precision} lost {100 * drop:.2f} points <= max_accuracy_drop "
-                             f"{100 * q.max_accuracy_drop:.2f}")
         record["size_bytes"] = (tmp / MODEL_FILE).stat().st_size
         record["seconds"] = round(time.perf_counter() - start, 2)
         write_json(tmp / QUANTIZE_FILE, record)
@@ -241,8 +239,8 @@ def _static(cfg: Config, fp32: Path, out: Path, export_dir: Path, prepared_dir: 
         quantize({"QuantizeBias": False})
     return {"pre_process": pre, "bias": bias, "calibration_texts": len(texts),
             "calibration_batches": len(feeds),
-            "calibration_width": int(feeds[0]["input_ids"].shape[1]), "exclude_nodes": list(q.exclude_nodes),
-            "op_types": list(q.op_types) or "default", "left_in_float": runtime_only_ops(fp32)}
+            "calibration_width": int(feeds[0]["input_ids"].shape[1]),
+            "exclude_nodes": list(q.exclude_nodes), "op_types": list(q.op_types) or "default", "left_in_float": runtime_only_ops(fp32)}
 
 
 def runtime_only_ops(path: Path) -> list[str]:
