@@ -133,16 +133,19 @@ class Predictor:
         input order, each padded to its longest text; with ``same_width``, every batch to
         the longest of all ``texts`` (static calibration stacks batches into one array)."""
         items = as_texts(texts)
+        if self.backend is not None:
+            # Encoded once: same_width needs every text's length before the first batch.
+            encodings = self._encodings(items)
+            width = max(map(len, encodings)) if same_width and items else None
+            for start in range(0, len(items), self.batch_size):
+                yield self._feed(encodings[start: start + self.batch_size], width)
+            return
         width = None
         if same_width and items:
-            width = (max(len(e) for e in self._encodings(items)) if self.backend is not None
-                     else max(len(ids) for ids in self.tokenizer(
-                         items, truncation=True, max_length=self.max_length)["input_ids"]))
+            width = max(len(ids) for ids in self.tokenizer(
+                items, truncation=True, max_length=self.max_length)["input_ids"])
         for start in range(0, len(items), self.batch_size):
             batch = items[start: start + self.batch_size]
-            if self.backend is not None:
-                yield self._feed(self._encodings(batch), width)
-                continue
             padding = {"padding": "max_length", "max_length": width} if width else {
                 "padding": True, "max_length": self.max_length}
             encoded = self.tokenizer(batch, truncation=True, return_tensors="np", **padding)

@@ -56,7 +56,7 @@ class TextCNN(nn.Module):
             scores = F.relu(conv(embedded))  # (B, num_filters, windows)
             # Keep windows wholly inside the text; a text shorter than the filter keeps only its
             # first window (the text and zeros). So more padding never adds a window.
-            keep = (lengths - width + 1).clamp(min=1).unsqueeze(1)
+            keep = windows_kept(lengths, width).unsqueeze(1)
             windows = torch.arange(scores.shape[-1], device=scores.device).unsqueeze(0)
             valid = (windows < keep).unsqueeze(1)  # (B, 1, windows)
             pooled.append(scores.masked_fill(~valid, float("-inf")).amax(-1))
@@ -78,9 +78,15 @@ class TextCNN(nn.Module):
             .reshape(conv.out_channels, -1) for conv in self.convs])  # (F, widest * E)
         bias = torch.cat([conv.bias for conv in self.convs])
         scores = F.relu(torch.matmul(stacked, weight.t()) + bias)  # (B, L, F)
-        keep = torch.cat([(lengths - width + 1).clamp(min=1).unsqueeze(1)
+        keep = torch.cat([windows_kept(lengths, width).unsqueeze(1)
                           .expand(-1, conv.out_channels)
                           for width, conv in zip(self.filter_sizes, self.convs, strict=True)],
                          dim=1)  # (B, F): windows kept per filter
         windows = torch.arange(length, device=scores.device).view(1, -1, 1)
         return scores.masked_fill(windows >= keep.unsqueeze(1), float("-inf")).amax(1)
+
+
+def windows_kept(lengths: Tensor, width: int) -> Tensor:
+    """Windows of ``width`` tokens wholly inside each text; 1 for a text shorter than the
+    filter (its first window: the text and zeros)."""
+    return (lengths - width + 1).clamp(min=1)
