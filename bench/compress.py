@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kdpipe.config import load_config
 from kdpipe.evaluation.models import folder_bytes
+from kdpipe.serve import model_path
 from kdpipe.steps import baseline, evaluate, export, prune, quantize
 
 RESULTS = Path(__file__).parent / "results"
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("--student", required=True, help="a distill output folder")
     parser.add_argument("--out", default=None, help="where to write (default: WORK/compress)")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--baseline", default=None,
+                        help="reuse this baseline folder (a `kdpipe baseline` output for the "
+                        "same teacher and data) instead of measuring the teacher again")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     work = Path(args.work)
@@ -45,17 +49,20 @@ def main() -> None:
         "prune": prune.run(cfg, Path(args.student), prepared, cfg.paths.soft_labels,
                            out / "pruned"),
         "export": export.run(cfg, out / "pruned", prepared, out / "export"),
-        "quantize": quantize.run(cfg, out / "export", prepared, out / "quantized"),
-        "baseline": baseline.run(cfg, prepared, teacher, out / "baseline"),
-        "evaluate": evaluate.run(cfg, prepared, teacher, out / "baseline", Path(args.student),
-                                 out / "pruned", out / "quantized", out / "evaluation"),
+        "quantize": quantize.run(cfg, out / "export", prepared, out / "quantized",
+                                 out / "pruned"),
     }
+    yardstick = Path(args.baseline) if args.baseline else out / "baseline"
+    if not args.baseline:
+        steps["baseline"] = baseline.run(cfg, prepared, teacher, yardstick)
+    steps["evaluate"] = evaluate.run(cfg, prepared, teacher, yardstick, Path(args.student),
+                                     out / "pruned", out / "quantized", out / "evaluation")
     for name, result in steps.items():
         print(f"{name}: {result.summary}")
     ev = json.loads((out / "evaluation" / "metrics.json").read_text())
     exported = json.loads((out / "export" / "export.json").read_text())
     quant = json.loads((out / "quantized" / "quantize.json").read_text())
-    teacher_onnx = out / "baseline" / "teacher_onnx" / "model.onnx"
+    teacher_onnx = yardstick / "teacher_onnx" / "model.onnx"
     report = {
         "data": work.name, "machine": f"{platform.machine()}, 2 cores",
         "overrides": args.overrides, "student": args.student,
@@ -64,7 +71,7 @@ def main() -> None:
                      "kept": quant["kept"], "drop_points": round(
                          100 * (quant["accuracy"]["fp32"] - quant["accuracy"]["int8"]), 2)},
         "size": {"int8_folder_bytes": folder_bytes(out / "quantized"),
-                 "int8_model_bytes": (out / "quantized" / "model.onnx").stat().st_size,
+                 "int8_model_bytes": quantize.model_bytes(model_path(out / "quantized")),
                  "teacher_fp32_onnx_bytes": teacher_onnx.stat().st_size},
         "prune": steps["prune"].metrics,
         "evaluation": {name: {k: m[k] for k in ("accuracy", "macro_f1", "latency_ms",

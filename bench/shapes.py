@@ -60,7 +60,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         prune.run(cfg, out / "student", prepared, cfg.paths.soft_labels, out / "pruned")
         export.run(cfg, out / "pruned", prepared, out / "export")
-        quantize.run(cfg, out / "export", prepared, out / "quantized")
+        quantize.run(cfg, out / "export", prepared, out / "quantized", out / "pruned")
         with torch_threads(args.threads):
             model = onnx_folder("student_int8", out / "quantized", args.threads, 256)
             record = bench.measure(model, val, None, args.budget)

@@ -244,3 +244,64 @@ def test_mlflow_models_serve_answers_raw_text(champion_store, tmp_path):
     finally:
         _stop(proc)
     assert proc.poll() is not None
+
+
+TORCH_NAME = "served-int8-torch"
+BILSTM = {"arch": "bilstm", "embedding_dim": 16, "bilstm": {"hidden_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def torch_champion(tmp_path_factory, tiny_bert):
+    """(store URI, folder): a BiLSTM quantized by torch_dynamic, registered by the step."""
+    from conftest import save_fresh_student
+
+    from kdpipe.config import StudentConfig
+    from kdpipe.models.teacher import load_tokenizer
+    from kdpipe.steps import export, quantize, register
+
+    root = tmp_path_factory.mktemp("served-torch")
+    uri = sqlite_store(root / "mlflow.db", tmp_path_factory.getbasetemp())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cfg = registry_config(root, tiny_bert, uri, registry={"model_name": TORCH_NAME},
+                              quantize={"method": "torch_dynamic", "max_accuracy_drop": 1.0})
+        save_fresh_student(root / "student", StudentConfig.model_validate(BILSTM), tiny_bert,
+                           load_tokenizer(str(tiny_bert)))
+        export.run(cfg, root / "student", cfg.paths.prepared, root / "export")
+        quantize.run(cfg, root / "export", cfg.paths.prepared, root / "quantized",
+                     root / "student")
+        evaluation = write_metrics(root / "evaluation", {
+            "quantized": {**metrics_entry(0.5), "kind": "pytorch-int8"}})
+        result = register.run(cfg, root / "quantized", evaluation, cfg.paths.prepared,
+                              root / "register")
+    assert result.metrics["promoted"] == 1.0
+    return uri, root / "quantized"
+
+
+def test_torch_int8_champion_loads_in_a_fresh_process(torch_champion):
+    import mlflow
+
+    from kdpipe.serve import Predictor
+
+    uri, folder = torch_champion
+    mlflow.set_tracking_uri(uri)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(
+        f"models:/{TORCH_NAME}@champion")).read_text().split()
+    assert {"torch", "safetensors"} <= {r.split("==")[0] for r in requirements}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    done = run_python(f"""
+        import json
+        import mlflow.pyfunc, pandas as pd
+        model = mlflow.pyfunc.load_model("models:/{TORCH_NAME}@champion")
+        out = model.predict(pd.DataFrame({{"text": {TEXTS!r}}}))
+        import kdpipe.torch_int8
+        print(json.dumps({{"rows": out.to_dict("records"),
+                           "kdpipe": kdpipe.torch_int8.__file__}}))
+    """, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "/code/kdpipe/" in result["kdpipe"]  # the student modules were shipped too
+    predictor = Predictor(folder, threads=1)
+    expected = predictor.predict_proba(TEXTS)
+    got = np.array([[row[f"prob_{n}"] for n in predictor.labels] for row in result["rows"]])
+    np.testing.assert_allclose(got, expected, atol=1e-6)

@@ -169,11 +169,53 @@ def test_fp16_halves_the_weights_and_agrees(exported, tmp_path):
     assert result.metrics["kept_int8"] == 1.0  # the quantized (here: half) model was kept
 
 
-def test_torch_dynamic_says_why_it_cannot_ship(exported, tmp_path):
+def test_torch_dynamic_ships_an_int8_pytorch_student(exported, tmp_path):
     cfg, folder = exported
-    with pytest.raises(KdpipeError, match="cannot be exported to ONNX"):
+    student = folder.parent / "student"  # what the fixture exported
+    result = quantize.run(with_quantize(cfg, method="torch_dynamic", max_accuracy_drop=1.0),
+                          folder, cfg.paths.prepared, tmp_path / "q", student)
+    out = tmp_path / "q"
+    assert not (out / "model.onnx").exists() and (out / "torch" / "int8.json").is_file()
+    rec = record(out)
+    assert rec["kept"] == "int8" and rec["torch"]["layers"] == ["classifier"]
+    assert rec["student"] == str(student)
+    torch_bytes = sum(p.stat().st_size for p in (out / "torch").rglob("*") if p.is_file())
+    assert result.metrics["size_bytes"] == result.metrics["int8_bytes"] == torch_bytes
+    predictor = Predictor(out, threads=1)
+    assert predictor.model_path == out / "torch"
+    texts = TEXTS * 5 + [f"word {i} and more" for i in range(20)]
+    fp32 = Predictor(folder, threads=1).logits(texts)
+    torch.set_num_threads(2)
+    try:
+        int8 = predictor.logits(texts)
+        assert torch.get_num_threads() == 2  # the call's one thread was scoped to it
+    finally:
+        torch.set_num_threads(1)
+    assert not np.array_equal(fp32, int8)
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.9 and np.abs(fp32 - int8).max() < 0.1
+    assert predictor.predict(["a lovely film"])[0].label in predictor.labels
+
+
+def test_torch_dynamic_gate_puts_the_onnx_model_back(exported, tmp_path, monkeypatch):
+    cfg, folder = exported
+    accuracies = iter([0.9, 0.5])  # fp32, then int8
+    monkeypatch.setattr(quantize, "accuracy", lambda predictor, split: next(accuracies))
+    result = quantize.run(with_quantize(cfg, method="torch_dynamic"), folder,
+                          cfg.paths.prepared, tmp_path / "q", folder.parent / "student")
+    out = tmp_path / "q"
+    assert (out / "model.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
+    assert not (out / "torch").exists()
+    assert record(out)["kept"] == "fp32" and result.metrics["kept_int8"] == 0.0
+
+
+def test_torch_dynamic_needs_the_pytorch_student(exported, tmp_path):
+    cfg, folder = exported
+    with pytest.raises(KdpipeError, match="torch_dynamic quantizes the PyTorch student"):
         quantize.run(with_quantize(cfg, method="torch_dynamic"), folder, cfg.paths.prepared,
                      tmp_path / "q")
+    with pytest.raises(KdpipeError, match="nowhere: not found; .*kdpipe prune"):
+        quantize.run(with_quantize(cfg, method="torch_dynamic"), folder, cfg.paths.prepared,
+                     tmp_path / "q", tmp_path / "nowhere")
     assert not (tmp_path / "q").exists()
 
 

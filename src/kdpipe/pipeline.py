@@ -83,7 +83,7 @@ def _quantize(cfg: Config, log_metric: LogMetric | None) -> StepResult:
     from kdpipe.steps import quantize
 
     paths = cfg.paths
-    return quantize.run(cfg, paths.exported, paths.prepared, paths.quantized)
+    return quantize.run(cfg, paths.exported, paths.prepared, paths.quantized, paths.pruned)
 
 
 def _baseline(cfg: Config, log_metric: LogMetric | None) -> StepResult:

@@ -42,8 +42,8 @@ from torch.nn.utils import skip_init
 from kdpipe.atomic import atomic_dir
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.models.students import (RECORD_FILE, STUDENTS, WEIGHTS_FILE, StudentOutput,
-                                    load_student, save_student)
+from kdpipe.models.students import (RECORD_FILE, STUDENTS, WEIGHTS_FILE, LoadWeights,
+                                    StudentOutput, load_student, save_student, strict_load)
 
 PRUNING_FILE = "pruning.json"
 VOCAB_REMAP_FILE = "vocab_remap.safetensors"
@@ -465,11 +465,12 @@ def save_pruned(model: PrunedStudent, folder: Path) -> None:
         write_pruned(model, tmp)
 
 
-def load_pruned(folder: Path) -> PrunedStudent:
+def load_pruned(folder: Path, load_weights: LoadWeights | None = None) -> PrunedStudent:
     """The pruned student saved in ``folder``, in eval mode, reading the original tokenizer's
-    ids. Raises ``KdpipeError`` naming the file when something is missing or does not fit."""
+    ids. Raises ``KdpipeError`` naming the file when something is missing or does not fit.
+    ``load_weights``: as for ``load_student``."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_file
 
     folder = Path(folder)
     description = _read_json(folder / PRUNING_FILE, "a pruned student folder")
@@ -482,7 +483,7 @@ def load_pruned(folder: Path) -> PrunedStudent:
         with torch.random.fork_rng(devices=[]):
             student = STUDENTS[cfg.arch].make(cfg, record)
         arch.reshape(student, description["sizes"])
-        load_model(student, inner / WEIGHTS_FILE, strict=True)
+        (load_weights or strict_load)(student, inner / WEIGHTS_FILE)
         remap = (load_file(folder / VOCAB_REMAP_FILE)["vocab_remap"]
                  if description["vocabulary"] else None)
     except (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError) as exc:
@@ -492,12 +493,13 @@ def load_pruned(folder: Path) -> PrunedStudent:
     return PrunedStudent(student, remap).eval()
 
 
-def load_for_inference(folder: Path) -> nn.Module:
+def load_for_inference(folder: Path, load_weights: LoadWeights | None = None) -> nn.Module:
     """The model of a distill or a prune output folder, in eval mode; either way it reads the
-    original tokenizer's ids (a pruned folder is the one with pruning.json)."""
+    original tokenizer's ids (a pruned folder is the one with pruning.json).
+    ``load_weights``: as for ``load_student``."""
     if (Path(folder) / PRUNING_FILE).is_file():
-        return load_pruned(folder)
-    return load_student(folder)
+        return load_pruned(folder, load_weights)
+    return load_student(folder, load_weights)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

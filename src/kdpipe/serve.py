@@ -9,6 +9,10 @@ nor the training folders: copy it anywhere and point a Predictor at it::
     predictor.predict("a lovely film")[0].label           # 'positive'
     predictor.predict_proba(["bad", "good"])              # array (2, C), rows sum to 1
     [p.to_dict() for p in predictor.predict(texts)]       # JSON-ready
+
+A quantize output made with ``quantize.method=torch_dynamic`` holds a ``torch`` folder (an
+int8 PyTorch student, ``kdpipe.torch_int8``) instead of ``model.onnx``; the Predictor runs
+it with PyTorch, the rest is the same.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from kdpipe.errors import KdpipeError
 from kdpipe.ort import ort_session
 
 MODEL_FILE = "model.onnx"
+# In place of model.onnx: a student int8-quantized by PyTorch (quantize.method torch_dynamic,
+# kdpipe.torch_int8), served by PyTorch.
+TORCH_DIR = "torch"
 LABELS_FILE = "labels.json"
 RECORD_FILE = "export.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"  # every saved tokenizer has it, fast or slow
@@ -59,7 +66,8 @@ class Prediction:
 
 
 class Predictor:
-    """Classifies texts with an exported model on the CPU (ONNX Runtime).
+    """Classifies texts with an exported model on the CPU (ONNX Runtime; PyTorch for a
+    folder whose model is a ``torch`` folder, as quantize.method torch_dynamic writes).
 
     ``folder``: an exported folder (see the module docstring); a missing or unreadable file
     is a ``KdpipeError`` naming it. ``threads``: ONNX Runtime intra-op threads (None: one
@@ -78,7 +86,7 @@ class Predictor:
         if not folder.is_dir():
             raise KdpipeError(f"{folder}: no such folder; expected an exported model "
                               "(make one with `kdpipe export`)")
-        for name in (MODEL_FILE, LABELS_FILE, RECORD_FILE):
+        for name in (LABELS_FILE, RECORD_FILE):
             if not (folder / name).is_file():
                 raise KdpipeError(f"{folder / name}: not found; {folder} is not a complete "
                                   "exported model (make one with `kdpipe export`)")
@@ -90,7 +98,13 @@ class Predictor:
         self.labels: list[str] = _read_labels(folder / LABELS_FILE)
         self.max_length: int = _read_max_length(folder / RECORD_FILE)
         self.tokenizer = load_tokenizer(folder)
-        self.session = ort_session(folder / MODEL_FILE, threads)
+        self.model_path = model_path(folder)
+        if self.model_path.name == TORCH_DIR:
+            from kdpipe.torch_int8 import TorchSession  # the one backend that needs PyTorch
+
+            self.session: Any = TorchSession(self.model_path, threads)
+        else:
+            self.session = ort_session(self.model_path, threads)
         self.inputs = {i.name: _NUMPY_TYPES.get(i.type) for i in self.session.get_inputs()}
         self._check_graph()
         self.backend = (fast_backend(self.tokenizer, self.max_length)
@@ -176,7 +190,7 @@ class Predictor:
         return self.session.run(["logits"], feed)[0]
 
     def _check_graph(self) -> None:
-        path = self.folder / MODEL_FILE
+        path = self.model_path
         produced = set(self.tokenizer.model_input_names)
         unknown = [name for name in self.inputs if name not in produced]
         if unknown:
@@ -189,6 +203,17 @@ class Predictor:
         if isinstance(width, int) and width != len(self.labels):
             raise KdpipeError(f"{path}: gives {width} logits per text but "
                               f"{self.folder / LABELS_FILE} names {len(self.labels)} labels")
+
+
+def model_path(folder: Path) -> Path:
+    """The model of an exported folder: ``model.onnx``, else the ``torch`` folder of a
+    torch_dynamic int8 student; a ``KdpipeError`` when neither is there."""
+    if (folder / MODEL_FILE).is_file():
+        return folder / MODEL_FILE
+    if (folder / TORCH_DIR).is_dir():
+        return folder / TORCH_DIR
+    raise KdpipeError(f"{folder / MODEL_FILE}: not found; {folder} is not a complete "
+                      "exported model (make one with `kdpipe export`)")
 
 
 def as_texts(texts: object) -> list[str]:

@@ -26,11 +26,13 @@ import numpy as np
 
 from kdpipe.errors import KdpipeError
 
+# Kinds of model served by a Predictor over an exported folder (``module`` is the Predictor).
+EXPORTED_KINDS = ("onnx", "pytorch-int8")
 
 @dataclass(frozen=True)
 class ModelUnderTest:
     name: str
-    kind: str  # "pytorch" | "onnx"
+    kind: str  # "pytorch", or an exported folder's: "onnx" | "pytorch-int8" (EXPORTED_KINDS)
     path: Path
     num_labels: int
     params: int
@@ -69,16 +71,20 @@ def pytorch_student(name: str, folder: Path, tokenizer: Any, max_length: int,
 
 
 def onnx_folder(name: str, folder: Path, threads: int, batch_size: int) -> ModelUnderTest:
-    """An exported folder (model.onnx, tokenizer, labels.json, export.json)."""
-    from kdpipe.serve import MODEL_FILE, Predictor
+    """An exported folder (model.onnx, or a torch_dynamic ``torch`` folder; tokenizer,
+    labels.json, export.json)."""
+    from kdpipe.serve import Predictor
 
     predictor = Predictor(folder, threads=threads, batch_size=batch_size)
 
     def tokenize(texts: list[str]) -> list[dict[str, np.ndarray]]:
         return list(predictor.encode(texts))
 
-    return ModelUnderTest(name, "onnx", Path(folder), len(predictor.labels),
-                          onnx_parameter_count(Path(folder) / MODEL_FILE), tokenize,
+    if predictor.model_path.is_dir():  # int8 by PyTorch
+        kind, params = "pytorch-int8", predictor.session.parameter_count
+    else:
+        kind, params = "onnx", onnx_parameter_count(predictor.model_path)
+    return ModelUnderTest(name, kind, Path(folder), len(predictor.labels), params, tokenize,
                           predictor.logits, predictor)
 
 

@@ -176,7 +176,7 @@ def check_labels(model: models.ModelUnderTest, names: list[str]) -> None:
     if model.num_labels != len(names):
         raise KdpipeError(f"{model.path}: the {model.name} model predicts {model.num_labels} "
                           f"labels but the prepared data has {len(names)} ({names})")
-    predictor = model.module if model.kind == "onnx" else None
+    predictor = model.module if model.kind in models.EXPORTED_KINDS else None
     if predictor is not None and predictor.labels != names:
         raise KdpipeError(f"{model.path / 'labels.json'}: labels {predictor.labels} differ "
                           f"from the prepared data's {names}")

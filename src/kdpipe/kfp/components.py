@@ -151,15 +151,16 @@ def export(params: str, pruned: Input[Model], prepared: Input[Dataset], exported
 
 
 @component
-def quantize(params: str, exported: Input[Model], prepared: Input[Dataset],
-             quantized: Output[Model], metrics: Output[Metrics]):
+def quantize(params: str, exported: Input[Model], pruned: Input[Model],
+             prepared: Input[Dataset], quantized: Output[Model], metrics: Output[Metrics]):
     from pathlib import Path
 
     from kdpipe.kfp.adapter import run_step
     from kdpipe.steps import quantize as step
 
     run_step("quantize", params, lambda cfg, log: step.run(
-        cfg, Path(exported.path), Path(prepared.path), Path(quantized.path)), metrics)
+        cfg, Path(exported.path), Path(prepared.path), Path(quantized.path),
+        Path(pruned.path)), metrics)
 
 
 @component

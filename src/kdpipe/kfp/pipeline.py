@@ -130,8 +130,8 @@ def build_pipeline(cfg: Config) -> Any:
                                soft_labels=soft), "prune").outputs["pruned"]
         exported = place(c.export(params=params, pruned=pruned, prepared=prepared),
                          "export").outputs["exported"]
-        quantized = place(c.quantize(params=params, exported=exported, prepared=prepared),
-                          "quantize").outputs["quantized"]
+        quantized = place(c.quantize(params=params, exported=exported, pruned=pruned,
+                                     prepared=prepared), "quantize").outputs["quantized"]
         evaluation = place(c.evaluate(params=params, prepared=prepared,
                                       teacher=teacher.outputs["teacher"],
                                       baseline=yardstick, student=student,

@@ -28,6 +28,8 @@ from kdpipe.models.teacher import quiet_transformers
 WEIGHTS_FILE = "model.safetensors"
 RECORD_FILE = "student.json"
 RECORD_FORMAT = 1
+# Reads a weights file into a built student (see load_student).
+LoadWeights = Callable[[nn.Module, Path], None]
 
 
 class StudentOutput(NamedTuple):
@@ -198,14 +200,15 @@ def save_student(model: nn.Module, folder: Path) -> None:
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def load_student(folder: Path) -> nn.Module:
+def load_student(folder: Path, load_weights: LoadWeights | None = None) -> nn.Module:
     """The student saved in ``folder``, in eval mode; needs no teacher folder.
+    ``load_weights(model, path)``: reads the weights file into the built module (default:
+    safetensors' strict ``load_model``; ``kdpipe.torch_int8`` passes its int8 reader).
 
     Raises ``KdpipeError`` naming the file when student.json or model.safetensors is
     missing, unreadable or does not describe the same module.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
     record_path = Path(folder) / RECORD_FILE
     weights_path = Path(folder) / WEIGHTS_FILE
@@ -228,11 +231,18 @@ def load_student(folder: Path) -> nn.Module:
             raise KdpipeError(f"{record_path}: cannot rebuild the {cfg.arch} student "
                               f"({type(exc).__name__}: {_first_line(exc)})") from None
     try:
-        load_model(model, weights_path, strict=True)
+        (load_weights or strict_load)(model, weights_path)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise KdpipeError(f"{weights_path}: cannot load weights: {_first_line(exc)}") from None
     model.student_record = record
     return model.eval()
+
+
+def strict_load(model: nn.Module, path: Path) -> None:
+    """Read the safetensors file ``path`` into ``model``; every tensor must fit."""
+    from safetensors.torch import load_model
+
+    load_model(model, path, strict=True)
 
 
 def _first_line(exc: BaseException) -> str:

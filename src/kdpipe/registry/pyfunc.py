@@ -9,6 +9,8 @@
 - the kdpipe modules serving imports (``SERVING_MODULES``, copied beside the model as
   ``code/kdpipe``), so loading needs no kdpipe install, no PyTorch, and only the pinned
   ``REQUIREMENTS`` (given explicitly: MLflow's inference of them is slow and over-broad);
+  a torch_dynamic folder (int8 PyTorch student) also ships the student modules and needs
+  PyTorch (``TORCH_SERVING_MODULES``, ``TORCH_REQUIREMENTS``);
 - a signature and an input example: input one string column ``text``; output ``label``,
   ``score`` (its probability) and ``prob_<label>`` per label, all JSON-friendly.
 
@@ -54,6 +56,13 @@ REQUIREMENTS = ("onnxruntime", "transformers", "tokenizers", "numpy", "pandas")
 # fresh process with PyTorch blocked and kdpipe taken from this copy.
 SERVING_MODULES = ("__init__.py", "telemetry.py", "errors.py", "ort.py", "serve.py",
                    "registry/__init__.py", "registry/pyfunc.py")
+# A torch_dynamic folder (an int8 PyTorch student, kdpipe.torch_int8) is served by PyTorch:
+# its model also needs these modules and packages (a test loads one in a fresh process).
+TORCH_SERVING_MODULES = ("atomic.py", "config.py", "threads.py", "onnx_utils.py",
+                         "pruning.py", "torch_int8.py", "models/__init__.py",
+                         "models/students.py", "models/teacher.py", "models/textcnn.py",
+                         "models/bilstm.py", "models/tiny_transformer.py")
+TORCH_REQUIREMENTS = ("torch", "safetensors", "pydantic", "PyYAML")
 # Left out of the artifact: a TensorRT plan is built for one GPU, and serving is CPU ORT.
 NOT_SHIPPED = ("*.plan",)
 
@@ -131,8 +140,10 @@ def signature(labels: list[str]) -> Any:
     return ModelSignature(inputs=Schema([ColSpec("string", TEXT)]), outputs=Schema(outputs))
 
 
-def requirements() -> list[str]:
-    return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
+def requirements(torch_model: bool = False) -> list[str]:
+    """Pinned pip requirements; ``torch_model``: for a torch_dynamic folder."""
+    names = REQUIREMENTS + (TORCH_REQUIREMENTS if torch_model else ())
+    return [f"{name}=={metadata.version(name)}" for name in names]
 
 
 def log_model(folder: Path, name: str = "model") -> Any:
@@ -141,22 +152,25 @@ def log_model(folder: Path, name: str = "model") -> Any:
     ``Predictor`` cannot load is a ``KdpipeError`` before anything is logged."""
     from kdpipe.serve import Predictor
 
-    labels = Predictor(Path(folder), threads=1).labels
+    predictor = Predictor(Path(folder), threads=1)
+    torch_model = predictor.model_path.is_dir()
+    modules = SERVING_MODULES + (TORCH_SERVING_MODULES if torch_model else ())
     with tempfile.TemporaryDirectory(prefix="kdpipe-pyfunc-") as scratch:
         staged = Path(scratch) / "model"
         shutil.copytree(folder, staged, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
-        code = ship_code(Path(scratch) / "code")
+        code = ship_code(Path(scratch) / "code", modules)
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(staged)},
-            code_paths=[str(code)], pip_requirements=requirements(),
-            signature=signature(labels), input_example=pd.DataFrame({TEXT: EXAMPLE_TEXTS}))
+            code_paths=[str(code)], pip_requirements=requirements(torch_model),
+            signature=signature(predictor.labels), input_example=pd.DataFrame({TEXT: EXAMPLE_TEXTS}))
 
 
-def ship_code(target: Path) -> Path:
-    """Copy ``SERVING_MODULES`` into ``target/kdpipe``; returns that folder."""
+def ship_code(target: Path, modules: tuple[str, ...] = SERVING_MODULES) -> Path:
+    """Copy ``modules`` (paths in the kdpipe package) into ``target/kdpipe``; returns that
+    folder."""
     package = Path(__file__).resolve().parent.parent
     root = target / "kdpipe"
-    for relative in SERVING_MODULES:
+    for relative in modules:
         source = package / relative
         if not source.is_file():
             raise KdpipeError(f"{source}: missing from the kdpipe package; reinstall kdpipe")

@@ -17,15 +17,21 @@ exported folder whose ``model.onnx`` is replaced by the quantized model per
 - ``fp16``: float16 weights and activations (``onnxconverter_common``), inputs and outputs
   kept as they were; for GPU targets (ONNX Runtime's CUDA/TensorRT providers, TensorRT):
   on a CPU it halves the file but runs no faster;
-- ``torch_dynamic``: a ``KdpipeError`` saying why: torch's ONNX exporters reject its
-  quantized operators, and this step's output is an ONNX folder (torch 2.13 also warns
-  that ``torch.ao.quantization.quantize_dynamic`` is deprecated, to move to torchao);
+- ``torch_dynamic``: PyTorch's dynamic int8 (``torch.ao.quantization.quantize_dynamic``)
+  of the PyTorch student in ``student_dir`` (the prune output the folder was exported
+  from): int8 Linear and LSTM weights, activations quantized per call. Its quantized
+  operators have no ONNX form, so ``model.onnx`` is replaced by a ``torch`` folder (the
+  student folder with int8 weights in safetensors, ``kdpipe.torch_int8``), which the
+  Predictor runs with PyTorch. Embeddings and convolutions stay float, so on the default
+  TextCNN it quantizes only the classifier; it is meant for BiLSTM and transformer
+  students served by PyTorch (torch 2.13 deprecates this API in favour of torchao; the
+  warnings are recorded in ``torch/int8.json``);
 - ``none``: the model copied unchanged.
 
 Accuracy gate: validation accuracy of the fp32 and the quantized folder, both through
 ``kdpipe.serve.Predictor``. If the quantized model loses more than
 ``quantize.max_accuracy_drop`` the fp32 ``model.onnx`` is kept (and why is recorded).
-Everything but ``model.onnx`` is copied as is; ``quantize.json`` records the method,
+Everything but the model is copied as is; ``quantize.json`` records the method,
 sizes, accuracies, which model was kept (``kept``: its precision, int8, fp16 or fp32) and
 why.
 """
@@ -45,7 +51,7 @@ import numpy as np
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
-from kdpipe.serve import MODEL_FILE, Predictor
+from kdpipe.serve import MODEL_FILE, TORCH_DIR, Predictor, model_path
 from kdpipe.steps import StepResult
 from kdpipe.steps.ingest import read_split
 
@@ -59,17 +65,22 @@ PRECISION = {"ort_dynamic": "int8", "ort_static": "int8", "torch_dynamic": "int8
              "fp16": "fp16", "none": "fp32"}
 
 
-def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path) -> StepResult:
+def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path,
+        student_dir: Path | None = None) -> StepResult:
     """Quantize the exported folder ``export_dir`` into ``out_dir`` (see the module docstring).
+    ``student_dir``: the PyTorch student ``export_dir`` was made from; read only by
+    ``torch_dynamic``.
 
-    Metrics: ``size_bytes`` (the model.onnx kept), ``fp32_bytes``, ``int8_bytes`` (the
-    quantized file, whatever its precision), ``val_accuracy_fp32``, ``val_accuracy_int8``,
+    Metrics: ``size_bytes`` (the model kept), ``fp32_bytes``, ``int8_bytes`` (the quantized
+    model, whatever its precision), ``val_accuracy_fp32``, ``val_accuracy_int8``,
     ``kept_int8`` (1 if the quantized model was kept, else 0).
     """
     start = time.perf_counter()
     export_dir, prepared_dir, out_dir = Path(export_dir), Path(prepared_dir), Path(out_dir)
     q = cfg.quantize
     _check_inputs(export_dir, prepared_dir)
+    if q.method == "torch_dynamic":
+        _check_student(student_dir)
     validation = read_split(prepared_dir / "validation.parquet")
     if not validation.texts:
         raise KdpipeError(f"{prepared_dir / 'validation.parquet'}: no rows to measure "
@@ -81,13 +92,21 @@ def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path) -> Ste
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="kdpipe-quant-") as s:
         shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
         fp32 = export_dir / MODEL_FILE
-        quantized = Path(s) / "quantized.onnx"
-        record.update(quantize_model(cfg, fp32, quantized, export_dir, prepared_dir, Path(s)))
+        if q.method == "torch_dynamic":
+            from kdpipe import torch_int8
+
+            quantized = Path(s) / TORCH_DIR
+            record["torch"] = torch_int8.save(Path(student_dir), quantized)
+            record["student"] = str(student_dir)
+        else:
+            quantized = Path(s) / "quantized.onnx"
+            record.update(quantize_model(cfg, fp32, quantized, export_dir, prepared_dir,
+                                         Path(s)))
         fp32_accuracy = accuracy(Predictor(export_dir), validation)
-        shutil.copyfile(quantized, tmp / MODEL_FILE)
+        install(quantized, tmp)
         int8_accuracy = accuracy(Predictor(tmp), validation)
         record["sizes"] = {"fp32_bytes": fp32.stat().st_size,
-                           "int8_bytes": quantized.stat().st_size}
+                           "int8_bytes": model_bytes(quantized)}
         record["accuracy"] = {"split": "validation", "rows": len(validation.texts),
                               "fp32": fp32_accuracy, "int8": int8_accuracy}
         drop = fp32_accuracy - int8_accuracy
@@ -98,8 +117,8 @@ def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path) -> Ste
                          f"{'<=' if kept_quantized else '>'} max_accuracy_drop "
                          f"{100 * q.max_accuracy_drop:.2f}")
         if not kept_quantized:
-            shutil.copyfile(fp32, tmp / MODEL_FILE)
-        record["size_bytes"] = (tmp / MODEL_FILE).stat().st_size
+            install(fp32, tmp)
+        record["size_bytes"] = model_bytes(model_path(tmp))
         record["seconds"] = round(time.perf_counter() - start, 2)
         write_json(tmp / QUANTIZE_FILE, record)
     sizes, acc = record["sizes"], record["accuracy"]
@@ -114,6 +133,36 @@ def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path) -> Ste
     return StepResult("quantize", out_dir, metrics, [out_dir / QUANTIZE_FILE], summary)
 
 
+def install(model: Path, folder: Path) -> None:
+    """Make ``model`` (an ONNX file or a torch_dynamic ``torch`` folder) the model of the
+    exported ``folder``, removing the other kind."""
+    for old in (folder / MODEL_FILE, folder / TORCH_DIR):
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    if model.is_dir():
+        shutil.copytree(model, folder / TORCH_DIR)
+    else:
+        shutil.copyfile(model, folder / MODEL_FILE)
+
+
+def model_bytes(model: Path) -> int:
+    """Size of an ONNX file, or of every file in a ``torch`` folder."""
+    if model.is_dir():
+        return sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
+    return model.stat().st_size
+
+
+def _check_student(student_dir: Path | None) -> None:
+    if student_dir is None:
+        raise KdpipeError("quantize.method torch_dynamic quantizes the PyTorch student: give "
+                          "the prune output the folder was exported from")
+    if not Path(student_dir).is_dir():
+        raise KdpipeError(f"{student_dir}: not found; quantize.method torch_dynamic reads "
+                          "the PyTorch student (run `kdpipe prune` first)")
+
+
 def _check_inputs(export_dir: Path, prepared_dir: Path) -> None:
     for path, hint in ((export_dir / MODEL_FILE, "run `kdpipe export` first"),
                        (prepared_dir / "validation.parquet", "run `kdpipe ingest` first")):
@@ -123,16 +172,14 @@ def _check_inputs(export_dir: Path, prepared_dir: Path) -> None:
 
 def quantize_model(cfg: Config, fp32: Path, out: Path, export_dir: Path,
                    prepared_dir: Path, scratch: Path) -> dict[str, Any]:
-    """Write the quantized ``fp32`` to ``out``; return what to record about how."""
+    """Write the quantized ONNX ``fp32`` to ``out``; return what to record about how."""
     method = cfg.quantize.method
     if method == "none":
         shutil.copyfile(fp32, out)
         return {}
     if method == "torch_dynamic":
-        raise KdpipeError("quantize.method torch_dynamic: PyTorch's dynamically quantized "
-                          "Linear/LSTM cannot be exported to ONNX (torch's exporters reject "
-                          "quantized::linear_dynamic) and this step ships an ONNX folder; use "
-                          "ort_dynamic, the same int8 scheme applied by ONNX Runtime")
+        raise KdpipeError("quantize.method torch_dynamic quantizes a PyTorch student, not "
+                          "an ONNX file (see kdpipe.torch_int8)")
     if method == "fp16":
         return _fp16(fp32, out)
     from kdpipe.telemetry import disable_onnxruntime_telemetry

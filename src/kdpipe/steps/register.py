@@ -27,12 +27,13 @@ from typing import Any
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
+from kdpipe.evaluation.models import EXPORTED_KINDS
 from kdpipe.registry.card import CardFacts, model_card
 from kdpipe.registry.gate import KeyMetrics
 from kdpipe.registry.promotion import Promotion, evaluation_rows, promote
 from kdpipe.registry.store import (CHALLENGER, CHAMPION, TAG_PREFIX, metric_tags,
                                    open_registry, quiet_downloads)
-from kdpipe.serve import LABELS_FILE, MODEL_FILE, RECORD_FILE
+from kdpipe.serve import LABELS_FILE, MODEL_FILE, RECORD_FILE, TORCH_DIR
 from kdpipe.steps import StepResult
 
 REGISTER_FILE = "register.json"
@@ -162,7 +163,7 @@ def _entry_for(candidate: str, models: dict[str, Any], folder: Path) -> str | No
     for name, entry in models.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             continue
-        if entry.get("kind") == "onnx" and Path(entry["path"]).resolve() == target:
+        if entry.get("kind") in EXPORTED_KINDS and Path(entry["path"]).resolve() == target:
             return name
     return None
 
@@ -236,8 +237,9 @@ def _mlflow_run(cfg: Config) -> Iterator[str]:
 
 
 def _check_inputs(candidate_dir: Path, evaluation_dir: Path, prepared_dir: Path) -> None:
-    needed = [(candidate_dir / n, "run `kdpipe export` / `kdpipe quantize` first")
-              for n in (MODEL_FILE, LABELS_FILE, RECORD_FILE)]
+    hint = "run `kdpipe export` / `kdpipe quantize` first"
+    model = [] if (candidate_dir / TORCH_DIR).is_dir() else [MODEL_FILE]  # torch_dynamic
+    needed = [(candidate_dir / n, hint) for n in (*model, LABELS_FILE, RECORD_FILE)]
     needed += [(evaluation_dir / METRICS_FILE, "run `kdpipe evaluate` first"),
                (prepared_dir / "data_card.json", "run `kdpipe ingest` first")]
     for path, hint in needed:
