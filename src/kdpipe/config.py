@@ -286,7 +286,12 @@ class ExportConfig(Section):
 
 
 class QuantizeConfig(Section):
-    method: Literal["ort_dynamic", "ort_static", "torch_dynamic", "fp16", "none"] = "ort_dynamic"
+    method: Literal["ort_dynamic", "ort_static", "torch_dynamic", "fp16", "none"] = Field(
+        "ort_dynamic",
+        description="ort_dynamic / ort_static: ONNX Runtime int8; fp16: for GPU targets; "
+        "torch_dynamic: PyTorch int8 Linear/LSTM, served by PyTorch (a torch/ folder, not "
+        "ONNX); none: keep fp32.",
+    )
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_batches: int = Field(16, ge=1, description="Batches of train texts (static).")
     exclude_nodes: list[str] = Field([], description="ONNX node names left in float.")

@@ -128,7 +128,7 @@ STEPS: tuple[Step, ...] = (
          _prune),
     Step("export", "Export the pruned student to ONNX with its tokenizer; check parity.",
          _export),
-    Step("quantize", "Quantize the ONNX student (int8 by default) behind an accuracy gate.",
+    Step("quantize", "Quantize the student (ONNX Runtime int8 by default) behind an accuracy gate.",
          _quantize),
     Step("evaluate", "Compare every model side by side: accuracy, calibration, latency, size.",
          _evaluate),

@@ -162,7 +162,8 @@ def log_model(folder: Path, name: str = "model") -> Any:
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(staged)},
             code_paths=[str(code)], pip_requirements=requirements(torch_model),
-            signature=signature(predictor.labels), input_example=pd.DataFrame({TEXT: EXAMPLE_TEXTS}))
+            signature=signature(predictor.labels),
+            input_example=pd.DataFrame({TEXT: EXAMPLE_TEXTS}))
 
 
 def ship_code(target: Path, modules: tuple[str, ...] = SERVING_MODULES) -> Path:

@@ -287,7 +287,8 @@ def _static(cfg: Config, fp32: Path, out: Path, export_dir: Path, prepared_dir: 
     return {"pre_process": pre, "bias": bias, "calibration_texts": len(texts),
             "calibration_batches": len(feeds),
             "calibration_width": int(feeds[0]["input_ids"].shape[1]),
-            "exclude_nodes": list(q.exclude_nodes), "op_types": list(q.op_types) or "default", "left_in_float": runtime_only_ops(fp32)}
+            "exclude_nodes": list(q.exclude_nodes), "op_types": list(q.op_types) or "default",
+            "left_in_float": runtime_only_ops(fp32)}
 
 
 def runtime_only_ops(path: Path) -> list[str]:
