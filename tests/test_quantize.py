@@ -176,6 +176,7 @@ def test_torch_dynamic_ships_an_int8_pytorch_student(exported, tmp_path):
                           folder, cfg.paths.prepared, tmp_path / "q", student)
     out = tmp_path / "q"
     assert not (out / "model.onnx").exists() and (out / "torch" / "int8.json").is_file()
+    assert not list((out / "torch").glob("tokenizer*"))  # the folder's own copy serves
     rec = record(out)
     assert rec["kept"] == "int8" and rec["torch"]["layers"] == ["classifier"]
     assert rec["student"] == str(student)

@@ -10,7 +10,8 @@ place of the student's ``model.safetensors``, and ``load`` rebuilds the module, 
 its structure and puts the stored int8 values back exactly (no re-rounding).
 
 A saved folder is the student folder it came from (a distill or prune output: student.json,
-pruning.json, the vocabulary remap) with the weights file replaced and ``int8.json`` added.
+pruning.json, the vocabulary remap) without its tokenizer files, with the weights file
+replaced and ``int8.json`` added.
 
 Why the saving is by hand: packed int8 parameters have no safetensors form in torch (nor in
 ``torch.ao.quantization``, which torch 2.13 marks deprecated in favour of torchao; the
@@ -31,10 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from kdpipe.errors import KdpipeError
+from kdpipe.serve import TOKENIZER_CONFIG, TOKENIZER_FILE, VOCABULARY_FILES
 
 INT8_RECORD = "int8.json"
 RECORD_FORMAT = 1
 QUANTIZED_TYPES = (nn.Linear, nn.LSTM)
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, "special_tokens_map.json",
+                   *VOCABULARY_FILES)
 
 
 @contextlib.contextmanager
@@ -168,7 +172,8 @@ def save(student_dir: Path, out: Path) -> dict[str, Any]:
     fp32_count = sum(p.numel() for p in student.parameters())
     warned = quantize_module(student)
     tensors = int8_tensors(student)
-    shutil.copytree(student_dir, out)
+    # The quantized folder holds the tokenizer once, beside this one.
+    shutil.copytree(student_dir, out, ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
     target = weights_file(out)
     save_file(tensors, str(target), metadata={"format": "pt"})
     layers = sorted(_quantized_layers(student))
