@@ -113,6 +113,7 @@ def test_unpruned_student_folder_works_too(tiny_bert, tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("drop_int8", "does not fit the student|no int8 weight"),
     ("extra", "unexpected"),
+    ("orphan_scale", "unexpected .*nowhere.weight.scale"),
     ("garbage", "cannot read"),
 ])
 def test_damaged_weights_are_one_line_errors(tiny_bert, tiny_tokenizer, tmp_path, damage,
@@ -126,6 +127,9 @@ def test_damaged_weights_are_one_line_errors(tiny_bert, tiny_tokenizer, tmp_path
         save_file(tensors, str(path))
     elif damage == "extra":
         tensors["surprise"] = torch.zeros(2)
+        save_file(tensors, str(path))
+    elif damage == "orphan_scale":
+        tensors["nowhere.weight.scale"] = torch.tensor(0.1, dtype=torch.float64)
         save_file(tensors, str(path))
     else:
         path.write_bytes(b"not safetensors")

@@ -73,7 +73,9 @@ def _quantized_layers(module: nn.Module) -> dict[str, nn.Module]:
 
 def _weights_and_biases(layer: nn.Module) -> dict[str, Tensor | None]:
     """A quantized layer's weights (quantized tensors) and biases by name."""
-    if hasattr(layer, "_weight_bias") and isinstance(layer._weight_bias(), dict):  # LSTM
+    from torch.ao.nn.quantized import dynamic
+
+    if isinstance(layer, dynamic.LSTM):
         parts = layer._weight_bias()
         return {**parts["weight"], **parts["bias"]}
     return {"weight": layer.weight(), "bias": layer.bias()}
@@ -114,9 +116,11 @@ def load_int8_tensors(module: nn.Module, tensors: dict[str, Tensor], where: Path
     # Float tensors first: a quantized layer reads only its own packed form from a state dict.
     result = module.load_state_dict(plain, strict=False)
     missing = [k for k in result.missing_keys if k.rsplit(".", 1)[0] not in named]
-    if missing or result.unexpected_keys:
+    unexpected = result.unexpected_keys + [k for k in tensors if k.endswith(parts)
+                                           and k.rsplit(".", 2)[0] not in named]
+    if missing or unexpected:
         raise KdpipeError(f"{where}: does not fit the student (missing {missing[:3]}, "
-                          f"unexpected {result.unexpected_keys[:3]})")
+                          f"unexpected {unexpected[:3]})")
     quantize_module(module)
     layers = _quantized_layers(module)
     if set(layers) != named:
