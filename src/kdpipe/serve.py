@@ -99,7 +99,9 @@ class Predictor:
         self.max_length: int = _read_max_length(folder / RECORD_FILE)
         self.tokenizer = load_tokenizer(folder)
         self.model_path = model_path(folder)
-        if self.model_path.name == TORCH_DIR:
+        # A torch_dynamic int8 student: served by PyTorch, not ONNX Runtime.
+        self.on_torch = self.model_path.name == TORCH_DIR
+        if self.on_torch:
             from kdpipe.torch_int8 import TorchSession  # the one backend that needs PyTorch
 
             self.session: Any = TorchSession(self.model_path, threads)

@@ -29,6 +29,7 @@ from kdpipe.errors import KdpipeError
 # Kinds of model served by a Predictor over an exported folder (``module`` is the Predictor).
 EXPORTED_KINDS = ("onnx", "pytorch-int8")
 
+
 @dataclass(frozen=True)
 class ModelUnderTest:
     name: str
@@ -80,7 +81,7 @@ def onnx_folder(name: str, folder: Path, threads: int, batch_size: int) -> Model
     def tokenize(texts: list[str]) -> list[dict[str, np.ndarray]]:
         return list(predictor.encode(texts))
 
-    if predictor.model_path.is_dir():  # int8 by PyTorch
+    if predictor.on_torch:
         kind, params = "pytorch-int8", predictor.session.parameter_count
     else:
         kind, params = "onnx", onnx_parameter_count(predictor.model_path)

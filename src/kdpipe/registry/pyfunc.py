@@ -153,15 +153,14 @@ def log_model(folder: Path, name: str = "model") -> Any:
     from kdpipe.serve import Predictor
 
     predictor = Predictor(Path(folder), threads=1)
-    torch_model = predictor.model_path.is_dir()
-    modules = SERVING_MODULES + (TORCH_SERVING_MODULES if torch_model else ())
+    modules = SERVING_MODULES + (TORCH_SERVING_MODULES if predictor.on_torch else ())
     with tempfile.TemporaryDirectory(prefix="kdpipe-pyfunc-") as scratch:
         staged = Path(scratch) / "model"
         shutil.copytree(folder, staged, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
         code = ship_code(Path(scratch) / "code", modules)
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(staged)},
-            code_paths=[str(code)], pip_requirements=requirements(torch_model),
+            code_paths=[str(code)], pip_requirements=requirements(predictor.on_torch),
             signature=signature(predictor.labels),
             input_example=pd.DataFrame({TEXT: EXAMPLE_TEXTS}))
 
