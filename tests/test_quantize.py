@@ -66,9 +66,11 @@ def ops_of(folder):
 
 def test_default_export_quantizes_the_textcnn_windows_as_one_matmul(exported, tmp_path):
     # The exported TextCNN computes its convolutions as a MatMul (TextCNN.windows_as_matmul),
-    # so the default op_types turn them into integer ops, and no float Conv is left.
+    # so the default op_types turn them into integer ops, and no float Conv is left. Windows
+    # past a text's end are zeroed per width (no (B, L, F) -inf fill: no Where).
     cfg, folder = exported
     assert "Conv" not in ops_of(folder) and "MatMul" in ops_of(folder)
+    assert "Where" not in ops_of(folder)
     quantize.run(with_quantize(cfg, max_accuracy_drop=1.0), folder, cfg.paths.prepared,
                  tmp_path / "d")
     ops = ops_of(tmp_path / "d")
