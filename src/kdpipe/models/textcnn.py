@@ -74,16 +74,16 @@ class TextCNN(nn.Module):
         padded = F.pad(embedded, (0, 0, 0, widest - 1))  # (B, L + widest - 1, E)
         # One Gather of every window's positions: in ONNX Runtime it costs about a third of
         # ``widest`` Slices and a Concat (bench/ort_ops.py).
-        starts = torch.arange(length, device=embedded.device).unsqueeze(1)
-        stacked = padded[:, starts + torch.arange(widest, device=embedded.device)].flatten(2)
+        positions = torch.arange(length, device=embedded.device)
+        stacked = padded[:, positions.unsqueeze(1) + torch.arange(widest, device=embedded.device)
+                         ].flatten(2)
         weight = torch.cat([
             F.pad(conv.weight, (0, widest - conv.kernel_size[0])).permute(0, 2, 1)
             .reshape(conv.out_channels, -1) for conv in self.convs])  # (F, widest * E)
         bias = torch.cat([conv.bias for conv in self.convs])
         scores = torch.matmul(stacked, weight.t()) + bias  # (B, L, F), before the ReLU
         keep = torch.stack([windows_kept(lengths, width) for width in self.filter_sizes], 1)
-        windows = torch.arange(length, device=scores.device).view(1, -1, 1)
-        valid = (windows < keep.unsqueeze(1)).to(scores.dtype)  # (B, L, widths)
+        valid = (positions.view(1, -1, 1) < keep.unsqueeze(1)).to(scores.dtype)  # (B, L, widths)
         # Zeroing the windows dropped and taking the ReLU after the max is exact: ReLU is
         # monotonic, and every text keeps a window, so a 0 wins the max only where the kept
         # maximum is negative, which the ReLU turns into 0 anyway. It spares the graph a
