@@ -24,7 +24,9 @@ from kdpipe.models.students import (
     load_student,
     pca_project,
     save_student,
+    teacher_token_vectors,
 )
+from kdpipe.models import students
 from kdpipe.models.teacher import load_tokenizer
 
 ARCHS = ["textcnn", "bilstm", "transformer"]
@@ -142,7 +144,7 @@ def test_pca_project_matches_hand_computed_components():
 
 
 def test_textcnn_embeddings_are_the_teachers_projected_by_pca(tiny_bert, tokenizer):
-    model = make("textcnn", tiny_bert, tokenizer)
+    model = make("textcnn", tiny_bert, tokenizer, init_layer=0)
     expected = pca_project(teacher_word_matrix(tiny_bert), 16)
     expected /= expected.std()
     expected[tokenizer.pad_token_id] = 0
@@ -150,11 +152,49 @@ def test_textcnn_embeddings_are_the_teachers_projected_by_pca(tiny_bert, tokeniz
 
 
 def test_wider_embeddings_keep_the_teachers_and_start_the_rest_at_zero(tiny_bert, tokenizer):
-    model = make("bilstm", tiny_bert, tokenizer, embedding_dim=40)  # teacher hidden: 32
+    model = make("bilstm", tiny_bert, tokenizer, embedding_dim=40, init_layer=0)  # hidden 32
     teacher = teacher_word_matrix(tiny_bert)
     weight = model.embedding.weight.detach()
     torch.testing.assert_close(weight[1:, :32], teacher[1:] / teacher.std())
     assert not weight[:, 32:].any() and not weight[tokenizer.pad_token_id].any()
+
+
+def alone_hidden_state(teacher: Path, tokenizer, token: int, layer: int) -> torch.Tensor:
+    """The teacher's hidden state after ``layer`` at ``token`` in ``[CLS] token [SEP]``."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(teacher).eval()
+    ids = torch.tensor([[tokenizer.cls_token_id, token, tokenizer.sep_token_id]])
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states
+    return states[layer][0, 1]
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_layer_vectors_are_each_tokens_hidden_state_run_alone(layer, tiny_bert, tokenizer,
+                                                              monkeypatch):
+    monkeypatch.setattr(students, "TOKEN_BATCH", 7)  # several batches, the last one short
+    vectors = teacher_token_vectors(tiny_bert, layer)
+    assert vectors.shape == teacher_word_matrix(tiny_bert).shape
+    for token in [0, tokenizer.convert_tokens_to_ids("good"), len(tokenizer) - 1]:
+        torch.testing.assert_close(vectors[token],
+                                   alone_hidden_state(tiny_bert, tokenizer, token, layer),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_default_embeddings_come_from_the_teachers_middle_layer(tiny_bert, tokenizer):
+    model = make("textcnn", tiny_bert, tokenizer)  # init_layer null; 2 layers: the middle is 1
+    expected = pca_project(teacher_token_vectors(tiny_bert, 1), 16)
+    expected /= expected.std()
+    expected[tokenizer.pad_token_id] = 0
+    torch.testing.assert_close(model.embedding.weight.detach(), expected)
+    assert not torch.allclose(expected, make("textcnn", tiny_bert, tokenizer, init_layer=0)
+                              .embedding.weight.detach(), atol=0.1)
+
+
+def test_init_layer_past_the_teachers_depth_is_an_error(tiny_bert, tokenizer):
+    with pytest.raises(KdpipeError, match=r"student.init_layer 3: .* has 2 layers"):
+        make("bilstm", tiny_bert, tokenizer, init_layer=3)
 
 
 def test_random_init_is_seeded_and_not_the_teachers(tiny_bert, tokenizer):
