@@ -182,14 +182,16 @@ def test_layer_vectors_are_each_tokens_hidden_state_run_alone(layer, tiny_bert, 
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_default_embeddings_come_from_the_teachers_middle_layer(tiny_bert, tokenizer):
-    model = make("textcnn", tiny_bert, tokenizer)  # init_layer null; 2 layers: the middle is 1
+def test_init_layer_picks_the_layer_whose_states_start_the_embeddings(tiny_bert, tokenizer):
+    model = make("textcnn", tiny_bert, tokenizer, init_layer=1)
     expected = pca_project(teacher_token_vectors(tiny_bert, 1), 16)
     expected /= expected.std()
     expected[tokenizer.pad_token_id] = 0
     torch.testing.assert_close(model.embedding.weight.detach(), expected)
-    assert not torch.allclose(expected, make("textcnn", tiny_bert, tokenizer, init_layer=0)
-                              .embedding.weight.detach(), atol=0.1)
+    default = make("textcnn", tiny_bert, tokenizer).embedding.weight.detach()  # init_layer 0
+    torch.testing.assert_close(default, make("textcnn", tiny_bert, tokenizer, init_layer=0)
+                               .embedding.weight.detach())
+    assert not torch.allclose(expected, default, atol=0.1)
 
 
 def test_init_layer_past_the_teachers_depth_is_an_error(tiny_bert, tokenizer):

@@ -176,10 +176,10 @@ class StudentConfig(Section):
         True, description="Start word embeddings from the teacher's (projected by PCA "
         "where widths differ)."
     )
-    init_layer: int | None = Field(
-        None, ge=0, description="textcnn, bilstm: which teacher vectors the word embeddings "
+    init_layer: int = Field(
+        0, ge=0, description="textcnn, bilstm: which teacher vectors the word embeddings "
         "start from: 0 its word-embedding matrix; k each token's hidden state after layer "
-        "k, the token run alone between the special tokens; null the middle layer."
+        "k, the token run alone between the special tokens."
     )
     dropout: float = Field(0.2, ge=0, lt=1)
     textcnn: TextCNNConfig = TextCNNConfig()

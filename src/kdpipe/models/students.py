@@ -24,7 +24,6 @@ from kdpipe.atomic import atomic_dir
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.models.teacher import quiet_transformers
-from kdpipe.progress import progress_bar
 
 WEIGHTS_FILE = "model.safetensors"
 RECORD_FILE = "student.json"
@@ -142,7 +141,7 @@ def build_student(cfg: StudentConfig, num_labels: int, teacher_dir: Path, pad_id
     return model
 
 
-def teacher_word_embeddings(teacher_dir: Path, dim: int, layer: int | None = 0) -> Tensor:
+def teacher_word_embeddings(teacher_dir: Path, dim: int, layer: int = 0) -> Tensor:
     """One vector per teacher vocabulary token (``teacher_token_vectors`` at ``layer``),
     brought to (vocab, ``dim``).
 
@@ -167,23 +166,25 @@ def teacher_word_embeddings(teacher_dir: Path, dim: int, layer: int | None = 0) 
 TOKEN_BATCH = 1024
 
 
-def teacher_token_vectors(teacher_dir: Path, layer: int | None) -> Tensor:
+def teacher_token_vectors(teacher_dir: Path, layer: int) -> Tensor:
     """(vocab, hidden) float32: a vector for every row of the teacher's input embeddings.
 
     ``layer`` 0: the word-embedding matrix itself. ``layer`` k >= 1: the hidden state after
     teacher layer k at the token's position when the token is run alone between the
     tokenizer's special tokens (``[CLS] token [SEP]`` for BERT). Those states already went
     through k layers of the fine-tuned teacher, so they carry what the task made of each
-    word (SST-2: a middle layer gave the TextCNN +1.1 points over the raw matrix, see
-    docs/benchmarks.md); a word-embedding layer can hold only one vector per token, so the
-    context-free state is the one it can take. ``None``: the middle layer (layers // 2).
+    word; a word-embedding layer can hold only one vector per token, so the context-free
+    state is the one it can take. On SST-2 the middle layer gave the TextCNN +1.1 points on
+    validation but -0.2 on test over the raw matrix (4 seeds, docs/benchmarks.md), so 0
+    stays the default.
     """
     from transformers import AutoModel, AutoTokenizer
+
+    from kdpipe.progress import progress_bar  # training only: served models lack rich
 
     with quiet_transformers():
         teacher = AutoModel.from_pretrained(teacher_dir).eval()
     depth = teacher.config.num_hidden_layers
-    layer = depth // 2 if layer is None else layer
     if not 0 <= layer <= depth:
         raise KdpipeError(f"student.init_layer {layer}: the teacher in {teacher_dir} has "
                           f"{depth} layers (0 is its word embeddings)")
