@@ -180,6 +180,7 @@ def test_fast_backend_encodes_exactly_as_the_transformers_call(folders, threads)
     ``tokenizer(..., truncation=True, padding=True)`` gives, long and odd texts included."""
     predictor = Predictor(folders["textcnn"][1], threads=threads)
     assert predictor.backend is not None
+    assert predictor.words is not None  # a student's BERT tokenizer: ids from the word cache
     texts = [*TEXTS, "word " * 500, "  spaces\\tand\\nnewlines  ", "ÜNÍCÖDE ünïcödé 東京 🙂",
              "[CLS] [SEP] [PAD] literal specials", "12345678901234567890"]
     for size in (1, 3, len(texts)):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from kdpipe.errors import KdpipeError
 from kdpipe.ort import ort_session
+from kdpipe.word_cache import WordCache
 
 MODEL_FILE = "model.onnx"
 # In place of model.onnx: a student int8-quantized by PyTorch (quantize.method torch_dynamic,
@@ -111,6 +113,10 @@ class Predictor:
         self._check_graph()
         self.backend = (fast_backend(self.tokenizer, self.max_length)
                         if set(self.inputs) <= set(_ENCODING_FIELDS) else None)
+        # Ids per memoised word (exact, for BERT tokenizers; kdpipe.word_cache) where the
+        # model needs nothing but ids and the mask: the students.
+        self.words = (WordCache.wrap(self.backend) if self.backend is not None
+                      and set(self.inputs) <= {"input_ids", "attention_mask"} else None)
         self._padding = {"direction": "right", "pad_id": self.tokenizer.pad_token_id,
                          "pad_type_id": self.tokenizer.pad_token_type_id,
                          "pad_token": self.tokenizer.pad_token}
@@ -169,9 +175,11 @@ class Predictor:
                    for name, dtype in self.inputs.items()}
 
     def _encodings(self, texts: list[str]) -> list[Any]:
-        """Unpadded ``tokenizers.Encoding`` per text. ``encode_batch`` runs on every core
-        (rayon); with one thread asked for, texts are encoded one after another, so a call
-        uses the threads it says it does."""
+        """Unpadded ``tokenizers.Encoding`` per text, or its ids alone (a list) from the
+        word cache. ``encode_batch`` runs on every core (rayon); with one thread asked for,
+        texts are encoded one after another, so a call uses the threads it says it does."""
+        if self.words is not None:
+            return [self.words.ids(text) for text in texts]
         if self.threads != 1:
             return self.backend.encode_batch(texts)
         return [self.backend.encode(text) for text in texts]
@@ -180,11 +188,23 @@ class Predictor:
         """Encodings padded on the right to the longest (or to ``width``), as session
         inputs."""
         longest = width or max(len(e) for e in encodings)
+        if self.words is not None:
+            return self._feed_ids(encodings, longest)
         for encoding in encodings:
             if len(encoding) < longest:
                 encoding.pad(longest, **self._padding)
         return {name: np.array([getattr(e, _ENCODING_FIELDS[name]) for e in encodings],
                                dtype=dtype or np.int64)
+                for name, dtype in self.inputs.items()}
+
+    def _feed_ids(self, rows: list[list[int]], longest: int) -> dict[str, np.ndarray]:
+        """Id lists padded on the right to ``longest``: ids and mask in one pass each."""
+        lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+        mask = np.arange(longest) < lengths[:, None]
+        ids = np.full((len(rows), longest), self._padding["pad_id"], np.int64)
+        ids[mask] = np.fromiter(chain.from_iterable(rows), np.int64, int(lengths.sum()))
+        feed = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
+        return {name: feed[name].astype(dtype or np.int64, copy=False)
                 for name, dtype in self.inputs.items()}
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
