@@ -114,7 +114,8 @@ class Predictor:
         self.backend = (fast_backend(self.tokenizer, self.max_length)
                         if set(self.inputs) <= set(_ENCODING_FIELDS) else None)
         # Ids per memoised word (exact, for BERT tokenizers; kdpipe.word_cache) where the
-        # model needs nothing but ids and the mask: the students.
+        # model needs nothing but ids and the mask (the students, a teacher exported without
+        # token_type_ids).
         self.words = (WordCache.wrap(self.backend) if self.backend is not None
                       and set(self.inputs) <= {"input_ids", "attention_mask"} else None)
         self._padding = {"direction": "right", "pad_id": self.tokenizer.pad_token_id,

@@ -73,9 +73,7 @@ class WordCache:
             return self.backend.encode(text).ids
         ids: list[int] = []
         words = self.words
-        for word in text.split(" "):
-            if not word:
-                continue
+        for word in text.split():  # printable ASCII: the space is the only whitespace
             found = words.get(word)
             if found is None:
                 if len(words) >= MAX_WORDS:
