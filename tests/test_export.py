@@ -179,6 +179,32 @@ def test_pruned_student_exports_with_its_vocabulary_remap(students, tmp_path, ar
     assert json.loads((tmp_path / "e" / "export.json").read_text())["module"] == "PrunedStudent"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_student_with_own_unseen_rows_exports(students, tmp_path, arch):
+    """Dropped tokens reading their own low-rank rows (a FallbackEmbedding) export with
+    parity (a text with a dropped word reads as in PyTorch) and the low-rank rows go along."""
+    from kdpipe import pruning
+
+    cfg, folders = students
+    tokenizer = load_folder_tokenizer(folders[arch])
+    model = pruning.PrunedStudent(load_student(folders[arch]))
+    kept = pruning.kept_token_ids(tokenizer(["good movie", "bad"])["input_ids"],
+                                  tokenizer.all_special_ids)
+    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id, own_rank=2)
+    pruning.save_pruned(model.eval(), tmp_path / "pruned")
+    tokenizer.save_pretrained(tmp_path / "pruned")
+    result = export.run(cfg, tmp_path / "pruned", cfg.paths.prepared, tmp_path / "e")
+    assert result.metrics["parity_max_abs_diff"] <= 1e-4
+    predictor = Predictor(tmp_path / "e", threads=1)
+    batch = tokenizer(["good superb film", "good [UNK] film"], return_tensors="pt")
+    with torch.inference_mode():
+        want = model(batch["input_ids"], batch["attention_mask"]).logits.softmax(-1).numpy()
+    got = predictor.predict_proba(["good superb film", "good [UNK] film"])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    graph = onnx.load(tmp_path / "e" / "model.onnx").graph
+    assert any(init.dims[:1] == [len(tokenizer) - len(kept)] for init in graph.initializer)
+
+
 def test_folder_is_self_contained(students, tmp_path):
     cfg, folders = students
     source = shutil.copytree(folders["bilstm"], tmp_path / "student")

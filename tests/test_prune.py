@@ -1,5 +1,6 @@
 """Pruning: the vocabulary keeps exactly the data's ids and specials and changes no output of a
-text made of them (an unseen token reads as [UNK] or as its nearest kept word); structured pruning really shrinks tensors
+text made of them (an unseen token reads as [UNK], its nearest kept word or its own row at a
+lower rank); structured pruning really shrinks tensors
 and removes the weakest units (dead units removed leave the outputs unchanged); magnitude
 pruning reaches its sparsity permanently; pruned folders reload exactly; the step end to end."""
 
@@ -123,6 +124,55 @@ def test_unseen_ids_read_their_nearest_kept_word(arch, tiny_bert, tokenizer):
     dropped = [i for i in range(len(tokenizer)) if i not in kept]
     assert not new_special & {int(model.vocab_remap[i]) for i in dropped}
     assert model.vocab_remap[kept].tolist() == list(range(len(kept)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unseen_ids_read_their_own_row_at_the_given_rank(arch, tiny_bert, tokenizer, tmp_path):
+    original = make(arch, tiny_bert, tokenizer)
+    weight = pruning.ARCHS[arch].embedding(original.student).weight.detach()
+    width = weight.shape[1]
+    kept = kept_for(tokenizer, TRAIN)
+    dropped = [i for i in range(len(tokenizer)) if i not in kept]
+    ids = tokenizer("good nasty movie")["input_ids"]
+    assert set(ids) - set(kept)
+
+    # At full rank every dropped token reads its own row as it was: no output changes.
+    full = make(arch, tiny_bert, tokenizer)
+    pruning.prune_vocabulary(full, kept, tokenizer.unk_token_id, own_rank=width)
+    torch.testing.assert_close(run_ids(full, ids), run_ids(original, ids), atol=1e-5, rtol=0)
+
+    # At rank 3: the row's projection on the top 3 principal components of the dropped rows.
+    model = make(arch, tiny_bert, tokenizer)
+    before = pruning.parameter_counts(model)["total"]
+    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id, own_rank=3)
+    rows = weight[dropped].double()
+    center = rows.mean(0)
+    _, _, vh = torch.linalg.svd(rows - center, full_matrices=False)
+    expected = ((rows - center) @ vh[:3].T @ vh[:3] + center).float()
+    embedding = pruning.ARCHS[arch].embedding(model.student)
+    with torch.no_grad():
+        got = embedding(model.vocab_remap[torch.tensor(dropped + kept)])
+    torch.testing.assert_close(got[:len(dropped)], expected, atol=1e-5, rtol=0)
+    assert torch.equal(got[len(dropped):], weight[kept])
+    assert not torch.allclose(got[:len(dropped)], weight[dropped], atol=1e-3)
+    assert pruning.parameter_counts(model)["total"] == (
+        before - len(dropped) * width + len(dropped) * 3 + 3 * width + width)
+
+    # The folder records the shape and reloads to the same outputs.
+    pruning.save_pruned(model, tmp_path / "pruned")
+    vocabulary = json.loads((tmp_path / "pruned" / pruning.PRUNING_FILE).read_text())["vocabulary"]
+    assert vocabulary == {"original_size": len(tokenizer), "kept": len(kept),
+                          "unseen_rows": len(dropped), "rank": 3}
+    reloaded = pruning.load_pruned(tmp_path / "pruned")
+    assert torch.equal(run_ids(reloaded, ids), run_ids(model, ids))
+
+
+def test_own_rows_and_nearest_words_exclude_each_other(tiny_bert, tokenizer):
+    model = make("textcnn", tiny_bert, tokenizer)
+    kept = kept_for(tokenizer, TRAIN)
+    with pytest.raises(ValueError, match="exclude each other"):
+        pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id, nearest_among=kept[5:],
+                                 own_rank=4)
 
 
 def test_nearest_rows_by_cosine():
@@ -321,7 +371,7 @@ def _validation(cfg, tokenizer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_step_writes_a_folder_that_reloads_to_the_same_pruned_model(pipeline, tmp_path, arch,
                                                                     tiny_bert, tokenizer):
-    settings = {"structured_fraction": 0.5, "unstructured_sparsity": 0.3}
+    settings = {"structured_fraction": 0.5, "unstructured_sparsity": 0.3, "unseen_rank": 4}
     cfg, student_dir, result, report = _run(pipeline, tmp_path, arch, tiny_bert, tokenizer,
                                             **settings)
     loaded = pruning.load_pruned(tmp_path / "pruned")
@@ -330,7 +380,8 @@ def test_step_writes_a_folder_that_reloads_to_the_same_pruned_model(pipeline, tm
     train = ingest.read_split(cfg.paths.prepared / "train.parquet").texts
     kept = kept_for(tokenizer, train)
     expected = pruning.PrunedStudent(load_student(student_dir))
-    pruning.prune_vocabulary(expected, kept, tokenizer.unk_token_id)
+    pruning.prune_vocabulary(expected, kept, tokenizer.unk_token_id, own_rank=4)
+    assert isinstance(pruning.ARCHS[arch].embedding(loaded.student), pruning.FallbackEmbedding)
     pruning.prune_structure(expected, 0.5)
     pruning.prune_magnitude(expected, 0.3)
     texts, labels = _validation(cfg, tokenizer)
@@ -339,10 +390,18 @@ def test_step_writes_a_folder_that_reloads_to_the_same_pruned_model(pipeline, tm
 
     m = result.metrics
     assert m["vocab_kept"] == len(kept) == report["vocabulary"]["kept"]
+    assert report["vocabulary"]["unseen_tokens"] == "own"
+    assert report["vocabulary"]["unseen_rank"] == 4
     assert m["params_after"] == count_parameters(loaded) == report["params"]["after"]["total"]
     assert m["params_before"] == count_parameters(load_student(student_dir))
     assert m["params_after"] < m["params_before"]
-    assert report["params"]["after"]["embedding"] < report["params"]["before"]["embedding"]
+    # The kept rows whole, the dropped ones at a lower rank (+ the basis and centre).
+    width = pruning.ARCHS[arch].embedding(loaded.student).embedding_dim
+    dropped = len(tokenizer) - len(kept)
+    rank = min(4, dropped)  # the rank is never above the number of dropped rows
+    assert report["params"]["before"]["embedding"] == len(tokenizer) * width
+    assert report["params"]["after"]["embedding"] == (len(kept) * width + dropped * rank
+                                                      + rank * width + width)
     assert m["sparsity"] == pytest.approx(0.3, abs=0.01)
     assert report["structured"]["after"] == SIZES_AFTER[arch]
     assert m["val_accuracy_after"] == pytest.approx(float((logits.argmax(1).numpy()

@@ -271,9 +271,13 @@ class PruneConfig(Section):
     vocabulary: bool = Field(
         True, description="Keep only token ids seen in the training data (+ special tokens)."
     )
-    unseen_tokens: Literal["nearest", "unk"] = Field(
-        "nearest", description="What a dropped token id reads after vocabulary pruning: the "
-        "kept token whose embedding is closest (cosine), or [UNK]."
+    unseen_tokens: Literal["own", "nearest", "unk"] = Field(
+        "own", description="What a dropped token id reads after vocabulary pruning: its own "
+        "row at rank prune.unseen_rank (PCA), the kept token whose embedding is closest "
+        "(cosine), or [UNK]."
+    )
+    unseen_rank: int = Field(
+        32, ge=1, description="unseen_tokens=own: numbers kept per dropped token."
     )
     finetune_epochs: int = Field(0, ge=0, description="Short KD fine-tune after pruning.")
     finetune_lr: float = Field(1e-3, gt=0)

@@ -5,7 +5,7 @@ Three kinds, each a function that changes a ``PrunedStudent`` in place:
 - ``prune_vocabulary``: keep only the word-embedding rows of tokens that occur in the training
   data (plus special tokens). The module still takes the ORIGINAL tokenizer ids: a buffer
   ``vocab_remap`` (old id -> new id; an id not kept maps to its nearest kept token's new id,
-  or to [UNK]'s) is applied first.
+  to [UNK]'s, or to its own low-rank row in a ``FallbackEmbedding``) is applied first.
 - ``prune_structure``: remove the lowest-L1 share of TextCNN filters (per width), BiLSTM hidden
   units (per layer and direction) or transformer attention heads and FFN neurons (per layer),
   building new, smaller modules from the kept rows and columns.
@@ -92,17 +92,23 @@ def kept_token_ids(token_ids: Iterable[Sequence[int]], always: Iterable[int]) ->
 
 
 def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
-                     nearest_among: Sequence[int] | None = None) -> None:
+                     nearest_among: Sequence[int] | None = None, own_rank: int = 0) -> None:
     """Shrink the word embedding to the rows ``kept`` (original ids, in their order) and set
     ``model.vocab_remap``. ``unk_id`` and the padding id must be kept (padding keeps its role
-    under its new number). An original id not kept reads the row of the id in
-    ``nearest_among`` (a subset of ``kept``) whose embedding is closest to its own by cosine,
-    or [UNK]'s row when ``nearest_among`` is None.
+    under its new number). An original id not kept reads, with ``own_rank`` > 0, a rank-
+    ``own_rank`` approximation of its own row (a ``FallbackEmbedding``); else the row of the
+    id in ``nearest_among`` (a subset of ``kept``) whose embedding is closest to its own by
+    cosine, or [UNK]'s row when ``nearest_among`` is None.
 
-    Why nearest: the student's rows for tokens absent from training still hold the teacher's
-    (projected) embeddings, which place an unseen word near words of like meaning; [UNK]
-    throws that away (on SST-2 it cost 1.5 points of validation accuracy, docs/benchmarks.md).
+    Why not [UNK]: the student's rows for tokens absent from training still hold the
+    teacher's (projected) embeddings, which place an unseen word near words of like meaning;
+    [UNK] throws that away (on SST-2 it cost 1.5 points of validation accuracy). Why its own
+    row over the nearest word's: a third of SST-2's test texts hold a dropped token, and
+    the nearest word cost the TextCNN 0.6 points of test accuracy where its own row, even
+    cut to rank 32, cost nothing (docs/benchmarks.md).
     """
+    if own_rank and nearest_among:
+        raise ValueError("prune_vocabulary: own_rank and nearest_among exclude each other")
     if model.vocab_remap is not None:
         raise ValueError("prune_vocabulary: the vocabulary is already pruned")
     arch = ARCHS[model.arch]
@@ -116,7 +122,9 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
         if token is not None and remap[token] < 0:
             raise ValueError(f"the {name} token's id {token} must be among the kept ids")
     dropped = (remap < 0).nonzero().flatten()
-    if nearest_among is None or len(nearest_among) == 0:
+    if own_rank and dropped.numel():
+        remap[dropped] = rows.numel() + torch.arange(dropped.numel())
+    elif nearest_among is None or len(nearest_among) == 0:
         remap[dropped] = int(remap[unk_id])
     else:
         targets = torch.tensor(sorted(set(nearest_among)), dtype=torch.long)
@@ -124,8 +132,14 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
             raise ValueError("nearest_among must be a subset of the kept ids")
         remap[dropped] = remap[targets[nearest_rows(old.weight.detach(), dropped, targets)]]
     pad = None if old.padding_idx is None else int(remap[old.padding_idx])
-    new = skip_init(nn.Embedding, rows.numel(), old.embedding_dim, padding_idx=pad,
-                    device=old.weight.device, dtype=old.weight.dtype)
+    if own_rank and dropped.numel():
+        new = FallbackEmbedding(rows.numel(), old.embedding_dim, pad, dropped.numel(),
+                                min(own_rank, old.embedding_dim, dropped.numel()),
+                                device=old.weight.device, dtype=old.weight.dtype)
+        new.fit_unseen(old.weight.detach()[dropped])
+    else:
+        new = skip_init(nn.Embedding, rows.numel(), old.embedding_dim, padding_idx=pad,
+                        device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(old.weight[rows])
     arch.set_embedding(model.student, new)
@@ -134,6 +148,47 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
     if pad is not None:
         record["pad_id"] = pad
     model.vocab_remap = remap.to(old.weight.device)
+
+
+class FallbackEmbedding(nn.Embedding):
+    """A pruned word embedding that still has a row for every token: ``weight`` holds the
+    kept tokens' rows (ids ``0..num_embeddings-1``, as ``nn.Embedding``); an id
+    ``num_embeddings + j`` (the ``j``-th dropped token) reads ``unseen[j] @ basis + center``,
+    a rank-``rank`` approximation (PCA) of that token's row before pruning.
+
+    Why: a dropped token's row was never trained (the token is absent from the training data)
+    and still holds the teacher's projected embedding, which is worth keeping; at rank 32 it
+    costs 32 numbers per dropped token instead of ``embedding_dim``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None,
+                 unseen_rows: int, rank: int, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx,
+                         device=device, dtype=dtype)
+        like = {"device": device, "dtype": dtype}
+        self.unseen = nn.Parameter(torch.zeros(unseen_rows, rank, **like))
+        self.basis = nn.Parameter(torch.zeros(rank, embedding_dim, **like))
+        self.center = nn.Parameter(torch.zeros(embedding_dim, **like))
+
+    def fit_unseen(self, rows: Tensor) -> None:
+        """Set ``unseen``, ``basis`` and ``center`` to the top principal components of
+        ``rows`` (unseen_rows, embedding_dim)."""
+        data = rows.double()
+        center = data.mean(0)
+        _, _, vh = torch.linalg.svd(data - center, full_matrices=False)
+        basis = vh[: self.basis.shape[0]]
+        with torch.no_grad():
+            self.unseen.copy_((data - center) @ basis.T)
+            self.basis.copy_(basis)
+            self.center.copy_(center)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        kept = input_ids < self.num_embeddings
+        rows = super().forward(torch.where(kept, input_ids, 0))
+        # Clamped so that a kept id (read from ``rows``) indexes some valid unseen row.
+        unseen = nn.functional.embedding((input_ids - self.num_embeddings).clamp(min=0),
+                                         self.unseen)
+        return torch.where(kept.unsqueeze(-1), rows, unseen @ self.basis + self.center)
 
 
 def nearest_rows(weight: Tensor, queries: Tensor, targets: Tensor, chunk: int = 4096) -> Tensor:
@@ -428,7 +483,8 @@ def parameter_counts(model: PrunedStudent) -> dict[str, int]:
     """``total`` parameters, ``embedding`` (word-embedding rows x width) and ``nonzero``."""
     params = list(model.parameters())
     return {"total": sum(p.numel() for p in params),
-            "embedding": ARCHS[model.arch].embedding(model.student).weight.numel(),
+            "embedding": sum(p.numel() for p in
+                             ARCHS[model.arch].embedding(model.student).parameters()),
             "nonzero": sum(int(p.count_nonzero()) for p in params)}
 
 
@@ -438,9 +494,11 @@ def parameter_counts(model: PrunedStudent) -> dict[str, int]:
 def describe(model: PrunedStudent) -> dict[str, Any]:
     """What pruning.json records for ``model``."""
     remap = model.vocab_remap
+    embedding = ARCHS[model.arch].embedding(model.student)
     vocabulary = None if remap is None else {
-        "original_size": remap.numel(),
-        "kept": ARCHS[model.arch].embedding(model.student).num_embeddings}
+        "original_size": remap.numel(), "kept": embedding.num_embeddings}
+    if isinstance(embedding, FallbackEmbedding):
+        vocabulary.update(unseen_rows=embedding.unseen.shape[0], rank=embedding.unseen.shape[1])
     return {"format": PRUNING_FORMAT, "arch": model.arch, "vocabulary": vocabulary,
             "sizes": structured_sizes(model)}
 
@@ -482,15 +540,26 @@ def load_pruned(folder: Path, load_weights: LoadWeights | None = None) -> Pruned
         # Building draws initial weights that the file replaces; keep the caller's RNG as is.
         with torch.random.fork_rng(devices=[]):
             student = STUDENTS[cfg.arch].make(cfg, record)
+        student.student_record = record
         arch.reshape(student, description["sizes"])
+        if (description["vocabulary"] or {}).get("unseen_rows"):
+            _use_fallback(student, arch, description["vocabulary"])
         (load_weights or strict_load)(student, inner / WEIGHTS_FILE)
         remap = (load_file(folder / VOCAB_REMAP_FILE)["vocab_remap"]
                  if description["vocabulary"] else None)
     except (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError) as exc:
         raise KdpipeError(f"{folder}: cannot load the pruned student "
                           f"({type(exc).__name__}: {_first_line(exc)})") from None
-    student.student_record = record
     return PrunedStudent(student, remap).eval()
+
+
+def _use_fallback(student: nn.Module, arch: ArchPruning, vocabulary: dict[str, Any]) -> None:
+    """Swap a freshly built student's embedding for an empty ``FallbackEmbedding`` of the
+    saved shape, for its weights to be loaded into."""
+    old = arch.embedding(student)
+    arch.set_embedding(student, FallbackEmbedding(
+        old.num_embeddings, old.embedding_dim, old.padding_idx, int(vocabulary["unseen_rows"]),
+        int(vocabulary["rank"])))
 
 
 def load_for_inference(folder: Path, load_weights: LoadWeights | None = None) -> nn.Module:

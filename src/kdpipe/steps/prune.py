@@ -56,7 +56,7 @@ def run(cfg: Config, student_dir: Path, prepared_dir: Path, soft_labels_dir: Pat
     with torch_threads(cfg.distill.num_threads):
         if p.vocabulary:
             report["vocabulary"] = prune_vocabulary(model, data, tokenizer,
-                                                   p.unseen_tokens)
+                                                   p.unseen_tokens, p.unseen_rank)
             accuracy["after_vocabulary"] = val_accuracy(model, data)
         if p.structured_fraction > 0:
             pruning.prune_structure(model, p.structured_fraction)
@@ -117,10 +117,11 @@ def load_student_tokenizer(student_dir: Path) -> Any:
 
 
 def prune_vocabulary(model: pruning.PrunedStudent, data: distill.TransferData,
-                     tokenizer: Any, unseen: str = "nearest") -> dict[str, Any]:
+                     tokenizer: Any, unseen: str = "own", rank: int = 32) -> dict[str, Any]:
     """Keep the ids of the tokenized training texts (truncated at max_length, as distill
-    saw them) plus the special tokens; a dropped id reads its nearest kept word
-    (``unseen="nearest"``) or [UNK] (``"unk"``). What was kept, for the report."""
+    saw them) plus the special tokens; a dropped id reads its own row at rank ``rank``
+    (``unseen="own"``), its nearest kept word (``"nearest"``) or [UNK] (``"unk"``). What was
+    kept, for the report."""
     if tokenizer.unk_token_id is None:
         raise KdpipeError("prune.vocabulary needs a tokenizer with an unknown token to map "
                           "dropped ids to; set -S prune.vocabulary=false")
@@ -130,9 +131,11 @@ def prune_vocabulary(model: pruning.PrunedStudent, data: distill.TransferData,
     original = pruning.ARCHS[model.arch].embedding(model.student).num_embeddings
     # A dropped word should read a kept word, not [CLS] or [SEP].
     nearest = [i for i in kept if i not in special] if unseen == "nearest" else None
-    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id, nearest)
+    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id, nearest,
+                             rank if unseen == "own" else 0)
     return {"original": original, "kept": len(kept), "kept_fraction": len(kept) / original,
-            "train_texts": len(train_ids), "unseen_tokens": unseen}
+            "train_texts": len(train_ids), "unseen_tokens": unseen,
+            **({"unseen_rank": rank} if unseen == "own" else {})}
 
 
 def val_accuracy(model: nn.Module, data: distill.TransferData) -> float:
