@@ -36,11 +36,12 @@ def build(arch, tiny_bert, tokenizer):
 
 
 def pruned_folder(arch, tiny_bert, tokenizer, folder):
-    """A vocabulary- and structure-pruned student saved as the prune step saves one."""
+    """A vocabulary- and structure-pruned student saved as the prune step saves one (dropped
+    tokens at rank 4: the default ``prune.unseen_tokens: own``)."""
     model = pruning.PrunedStudent(build(arch, tiny_bert, tokenizer)).eval()
     kept = pruning.kept_token_ids(tokenizer(TRAIN)["input_ids"],
                                   [*tokenizer.all_special_ids, tokenizer.unk_token_id])
-    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id)
+    pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id, own_rank=4)
     pruning.prune_structure(model, 0.5)
     pruning.save_pruned(model, folder)
     return folder
