@@ -415,9 +415,11 @@ def test_step_writes_a_folder_that_reloads_to_the_same_pruned_model(pipeline, tm
 
 
 def test_step_fine_tune_keeps_pruned_weights_at_zero(pipeline, tmp_path, tiny_bert, tokenizer):
-    _, _, result, report = _run(pipeline, tmp_path, "textcnn", tiny_bert, tokenizer,
-                                unstructured_sparsity=0.5, finetune_epochs=2,
-                                finetune_lr=1e-2)
+    # Weight decay, too, leaves the dropped tokens' low-rank rows as pruning made them.
+    raw = {**pipeline, "distill": {**pipeline.get("distill", {}), "weight_decay": 0.5}}
+    cfg, student_dir, result, report = _run(raw, tmp_path, "textcnn", tiny_bert, tokenizer,
+                                            unstructured_sparsity=0.5, finetune_epochs=2,
+                                            finetune_lr=1e-2, unseen_rank=2)
     assert [e["epoch"] for e in report["finetune"]["loss"]] == [0, 1]
     assert all(np.isfinite(e["loss"]) for e in report["finetune"]["loss"])
     assert "after_finetune" in report["val_accuracy"]
@@ -425,6 +427,15 @@ def test_step_fine_tune_keeps_pruned_weights_at_zero(pipeline, tmp_path, tiny_be
     assert result.metrics["val_accuracy_pruned"] == report["val_accuracy"]["after_unstructured"]
     loaded = pruning.load_pruned(tmp_path / "pruned")
     assert pruning.weight_sparsity(loaded) >= 0.5 - 0.01
+    expected = pruning.PrunedStudent(load_student(student_dir))
+    train = ingest.read_split(cfg.paths.prepared / "train.parquet").texts
+    pruning.prune_vocabulary(expected, kept_for(tokenizer, train), tokenizer.unk_token_id,
+                             own_rank=2)
+    got, want = (pruning.ARCHS["textcnn"].embedding(m.student) for m in (loaded, expected))
+    assert isinstance(got, pruning.FallbackEmbedding)
+    for name in ("unseen", "basis", "center"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert not torch.equal(got.weight, want.weight)  # the kept rows were fine-tuned
 
 
 def test_step_without_vocabulary_pruning_keeps_every_id(pipeline, tmp_path, tiny_bert,

@@ -166,9 +166,11 @@ class FallbackEmbedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx,
                          device=device, dtype=dtype)
         like = {"device": device, "dtype": dtype}
-        self.unseen = nn.Parameter(torch.zeros(unseen_rows, rank, **like))
-        self.basis = nn.Parameter(torch.zeros(rank, embedding_dim, **like))
-        self.center = nn.Parameter(torch.zeros(embedding_dim, **like))
+        # Parameters (counted, saved and exported as weights) that no training touches: the
+        # dropped tokens are absent from the training data, and weight decay must not fade them.
+        self.unseen = nn.Parameter(torch.zeros(unseen_rows, rank, **like), requires_grad=False)
+        self.basis = nn.Parameter(torch.zeros(rank, embedding_dim, **like), requires_grad=False)
+        self.center = nn.Parameter(torch.zeros(embedding_dim, **like), requires_grad=False)
 
     def fit_unseen(self, rows: Tensor) -> None:
         """Set ``unseen``, ``basis`` and ``center`` to the top principal components of
@@ -177,10 +179,9 @@ class FallbackEmbedding(nn.Embedding):
         center = data.mean(0)
         _, _, vh = torch.linalg.svd(data - center, full_matrices=False)
         basis = vh[: self.basis.shape[0]]
-        with torch.no_grad():
-            self.unseen.copy_((data - center) @ basis.T)
-            self.basis.copy_(basis)
-            self.center.copy_(center)
+        self.unseen.copy_((data - center) @ basis.T)
+        self.basis.copy_(basis)
+        self.center.copy_(center)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         kept = input_ids < self.num_embeddings
@@ -480,7 +481,8 @@ def weight_sparsity(model: nn.Module) -> float:
 
 
 def parameter_counts(model: PrunedStudent) -> dict[str, int]:
-    """``total`` parameters, ``embedding`` (word-embedding rows x width) and ``nonzero``."""
+    """``total`` parameters, ``embedding`` (the word embedding's, with a
+    ``FallbackEmbedding``'s low-rank rows) and ``nonzero``."""
     params = list(model.parameters())
     return {"total": sum(p.numel() for p in params),
             "embedding": sum(p.numel() for p in
