@@ -276,8 +276,10 @@ class PruneConfig(Section):
         "row at rank prune.unseen_rank (PCA), the kept token whose embedding is closest "
         "(cosine), or [UNK]."
     )
+    # 16, not 32: at 32 AG News's 13,653 dropped tokens took the int8 folder past 1/25 of the
+    # teacher's ONNX (24.1x); at 16 it is 25.6x, and SST-2 keeps its test gain over nearest.
     unseen_rank: int = Field(
-        32, ge=1, description="unseen_tokens=own: numbers kept per dropped token."
+        16, ge=1, description="unseen_tokens=own: numbers kept per dropped token."
     )
     finetune_epochs: int = Field(0, ge=0, description="Short KD fine-tune after pruning.")
     finetune_lr: float = Field(1e-3, gt=0)

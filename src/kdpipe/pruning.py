@@ -104,8 +104,8 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
     teacher's (projected) embeddings, which place an unseen word near words of like meaning;
     [UNK] throws that away (on SST-2 it cost 1.5 points of validation accuracy). Why its own
     row over the nearest word's: a third of SST-2's test texts hold a dropped token, and
-    the nearest word cost the TextCNN 0.6 points of test accuracy where its own row, even
-    cut to rank 32, cost nothing (docs/benchmarks.md).
+    the nearest word cost the TextCNN 0.6 points of test accuracy where its own row, cut to
+    rank 16 or 32, cost 0.0-0.2 (docs/benchmarks.md).
     """
     if own_rank and nearest_among:
         raise ValueError("prune_vocabulary: own_rank and nearest_among exclude each other")
@@ -157,8 +157,8 @@ class FallbackEmbedding(nn.Embedding):
     a rank-``rank`` approximation (PCA) of that token's row before pruning.
 
     Why: a dropped token's row was never trained (the token is absent from the training data)
-    and still holds the teacher's projected embedding, which is worth keeping; at rank 32 it
-    costs 32 numbers per dropped token instead of ``embedding_dim``.
+    and still holds the teacher's projected embedding, which is worth keeping; at rank 16 it
+    costs 16 numbers per dropped token instead of ``embedding_dim``.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None,
