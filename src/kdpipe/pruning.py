@@ -43,7 +43,8 @@ from kdpipe.atomic import atomic_dir
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import (RECORD_FILE, STUDENTS, WEIGHTS_FILE, LoadWeights,
-                                    StudentOutput, load_student, save_student, strict_load)
+                                    StudentOutput, load_student, principal_components,
+                                    save_student, strict_load)
 
 PRUNING_FILE = "pruning.json"
 VOCAB_REMAP_FILE = "vocab_remap.safetensors"
@@ -122,7 +123,8 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
         if token is not None and remap[token] < 0:
             raise ValueError(f"the {name} token's id {token} must be among the kept ids")
     dropped = (remap < 0).nonzero().flatten()
-    if own_rank and dropped.numel():
+    own = own_rank > 0 and dropped.numel() > 0
+    if own:
         remap[dropped] = rows.numel() + torch.arange(dropped.numel())
     elif nearest_among is None or len(nearest_among) == 0:
         remap[dropped] = int(remap[unk_id])
@@ -132,7 +134,7 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
             raise ValueError("nearest_among must be a subset of the kept ids")
         remap[dropped] = remap[targets[nearest_rows(old.weight.detach(), dropped, targets)]]
     pad = None if old.padding_idx is None else int(remap[old.padding_idx])
-    if own_rank and dropped.numel():
+    if own:
         new = FallbackEmbedding(rows.numel(), old.embedding_dim, pad, dropped.numel(),
                                 min(own_rank, old.embedding_dim, dropped.numel()),
                                 device=old.weight.device, dtype=old.weight.dtype)
@@ -175,11 +177,8 @@ class FallbackEmbedding(nn.Embedding):
     def fit_unseen(self, rows: Tensor) -> None:
         """Set ``unseen``, ``basis`` and ``center`` to the top principal components of
         ``rows`` (unseen_rows, embedding_dim)."""
-        data = rows.double()
-        center = data.mean(0)
-        _, _, vh = torch.linalg.svd(data - center, full_matrices=False)
-        basis = vh[: self.basis.shape[0]]
-        self.unseen.copy_((data - center) @ basis.T)
+        center, basis = principal_components(rows, self.basis.shape[0])
+        self.unseen.copy_((rows.double() - center) @ basis.T)
         self.basis.copy_(basis)
         self.center.copy_(center)
 

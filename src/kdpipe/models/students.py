@@ -223,13 +223,20 @@ def _one_token_template(tokenizer: Any) -> tuple[list[int], int]:
 
 def pca_project(matrix: Tensor, dim: int) -> Tensor:
     """Rows of ``matrix`` (N, H), centred, on its top ``dim`` <= H principal components:
-    (N, dim). Each component's sign is fixed (its largest-magnitude coordinate positive), as
-    an SVD may return either sign, so the result is deterministic."""
-    centred = matrix.double() - matrix.double().mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    (N, dim), deterministic (``principal_components``)."""
+    center, components = principal_components(matrix, dim)
+    return ((matrix.double() - center) @ components.T).to(matrix.dtype)
+
+
+def principal_components(matrix: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The mean (H,) of the rows of ``matrix`` (N, H) and its top ``dim`` principal components
+    (dim, H), float64. Each component's sign is fixed (its largest-magnitude coordinate
+    positive), as an SVD may return either sign."""
+    center = matrix.double().mean(0)
+    _, _, vh = torch.linalg.svd(matrix.double() - center, full_matrices=False)
     components = vh[:dim]
     signs = components.gather(1, components.abs().argmax(1, keepdim=True)).sign()
-    return (centred @ (components * signs).T).to(matrix.dtype)
+    return center, components * signs
 
 
 def count_parameters(model: nn.Module) -> int:
