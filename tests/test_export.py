@@ -1,5 +1,6 @@
 """The export step: each student exports to ONNX with dynamic batch and length and matches
-PyTorch; the BiLSTM's masked export path equals its packed forward; the folder stands alone;
+PyTorch; the BiLSTM's export path equals its packed forward and becomes one LSTM node per
+layer; the folder stands alone;
 parity failures and missing inputs are clear errors; TensorRT is skipped where absent."""
 
 import json
@@ -108,7 +109,7 @@ def test_exported_graph_takes_any_batch_and_length(exported, students, arch):
 
 
 @pytest.mark.parametrize("layers", [1, 2])
-def test_bilstm_masked_export_path_equals_packed_forward(layers):
+def test_bilstm_export_path_equals_packed_forward(layers):
     from kdpipe.models.bilstm import BiLSTM
 
     torch.manual_seed(layers)
@@ -119,12 +120,25 @@ def test_bilstm_masked_export_path_equals_packed_forward(layers):
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     with torch.inference_mode():
         packed = model(ids, mask).logits
-        with exportable(model) as masked:
-            assert not any(isinstance(m, torch.nn.LSTM) and m.bidirectional
-                           for m in masked.modules())
-            logits = masked(ids, mask)
+        with exportable(model) as twin:
+            assert not any(isinstance(m, torch.nn.LSTM) for m in twin.modules())
+            logits = twin(ids, mask)
         assert torch.allclose(model(ids, mask).logits, packed)  # the original is untouched
     torch.testing.assert_close(logits, packed, atol=1e-6, rtol=0)
+
+
+def test_bilstm_exports_one_lstm_node_per_layer_reading_the_lengths(exported):
+    """Both directions in one node that takes each row's length, so nothing reverses rows
+    around it or picks each row's last step (the per-row GatherElements of the old path)."""
+    graph = onnx.load(str(exported["bilstm"][1] / "model.onnx")).graph
+    lstms = [n for n in graph.node if n.op_type == "LSTM"]
+    assert len(lstms) == SMALL_STUDENT["bilstm"]["layers"]
+    for node in lstms:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["direction"] == b"bidirectional"
+        assert attrs["hidden_size"] == SMALL_STUDENT["bilstm"]["hidden_size"]
+        assert len(node.input) >= 5 and node.input[4]  # sequence_lens is wired
+    assert not any(n.op_type == "GatherElements" for n in graph.node)
 
 
 def test_wrapped_bilstm_with_a_vocabulary_buffer_exports_its_own_forward(tmp_path):

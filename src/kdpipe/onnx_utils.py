@@ -2,7 +2,7 @@
 
 - ``exportable(model)``: a copy of a student that returns logits only and that the
   TorchScript-based ONNX exporter can trace (the BiLSTM's ``pack_padded_sequence`` is swapped
-  for an equivalent masked computation; see ``MaskedLSTM``).
+  for ONNX LSTM nodes that take each row's length; see ``OnnxLSTM``).
 - ``ort_session`` / ``save_optimized`` / ``ORT_LEVELS``: re-exported from ``kdpipe.ort``,
   the torch-free ONNX Runtime module that serving uses.
 - ``build_tensorrt_engine``: imports TensorRT itself, so call it only once
@@ -52,7 +52,7 @@ class LogitsOnly(nn.Module):
 
 
 class _Padded(NamedTuple):
-    """What the patched ``pack_padded_sequence`` hands to ``MaskedLSTM`` instead of a
+    """What the patched ``pack_padded_sequence`` hands to ``OnnxLSTM`` instead of a
     PackedSequence: the right-padded batch and each row's length."""
 
     data: Tensor  # (B, L, E), batch first
@@ -65,76 +65,109 @@ def _pack_as_padded(input: Tensor, lengths: Tensor | Sequence[int], batch_first:
     return _Padded(data, torch.as_tensor(lengths, dtype=torch.long, device=data.device))
 
 
-class MaskedLSTM(nn.Module):
-    """An ``nn.LSTM`` (batch_first, any layers, one or two directions) run over right-padded
-    rows, returning the final hidden states the same LSTM returns on the packed rows.
+class OnnxLSTM(nn.Module):
+    """An ``nn.LSTM`` (batch_first, any layers, one or two directions) over right-padded
+    rows that exports as one ONNX ``LSTM`` node per layer, each row's length its
+    ``sequence_lens``; it returns the final hidden states the same LSTM returns on the packed
+    rows.
 
     Takes a ``_Padded`` and returns ``(None, (h_n, None))``, h_n (layers * directions, B, H)
     in the LSTM's own order. The per-step output and c_n are None, not invented: a caller
     that reads them fails loudly instead of exporting something wrong.
 
-    The forward direction runs over the whole padded row; its state after the row's last
-    real token is the packed one, since padding only comes after it. The backward direction
-    runs over each row with its real tokens reversed in place (padding stays behind them),
-    so it also starts at the last real token and ends on the first. Each direction is a
-    plain one-directional LSTM, which the ONNX exporter turns into an ONNX LSTM node with
-    dynamic batch and length.
+    ``sequence_lens`` is what makes one node do what packing does: the forward direction's
+    state stops at each row's last real token and the backward direction starts there, so
+    neither reads padding. The earlier form reversed each row's tokens with GatherElements
+    around two one-directional nodes; its int8 SST-2 BiLSTM was slower (32 texts: 13,143
+    against 11,280 texts/s; one text: 0.092 against 0.140 ms; docs/benchmarks.md, "The
+    BiLSTM student").
     """
 
     def __init__(self, lstm: nn.LSTM) -> None:
         super().__init__()
         if not lstm.batch_first or lstm.proj_size:
-            raise KdpipeError("MaskedLSTM: expects a batch_first LSTM without projections")
-        self.directions = 2 if lstm.bidirectional else 1
-        self.cells = nn.ModuleList()  # layer-major: (l0 forward, l0 backward, l1 forward, ...)
+            raise KdpipeError("OnnxLSTM: expects a batch_first LSTM without projections")
+        self.layers = lstm.num_layers
+        suffixes = ("", "_reverse")[: 2 if lstm.bidirectional else 1]
         for layer in range(lstm.num_layers):
-            for suffix in ("", "_reverse")[: self.directions]:
-                width = lstm.input_size if layer == 0 else lstm.hidden_size * self.directions
-                cell = nn.LSTM(width, lstm.hidden_size, batch_first=True, bias=lstm.bias)
-                cell.load_state_dict({f"{name}_l0": getattr(lstm, f"{name}_l{layer}{suffix}")
-                                      for name in _lstm_weight_names(lstm.bias)})
-                self.cells.append(cell)
+            def stacked(name: str, layer: int = layer) -> Tensor:
+                return torch.stack([_onnx_gate_order(getattr(lstm, f"{name}_l{layer}{sfx}"))
+                                    for sfx in suffixes]).detach().clone()
+
+            hidden4 = 4 * lstm.hidden_size
+            bias = (torch.cat([stacked("bias_ih"), stacked("bias_hh")], dim=1) if lstm.bias
+                    else torch.zeros(len(suffixes), 2 * hidden4))
+            # ONNX's layout: W (directions, 4H, in), R (directions, 4H, H), B (directions, 8H).
+            self.register_buffer(f"w{layer}", stacked("weight_ih"))
+            self.register_buffer(f"r{layer}", stacked("weight_hh"))
+            self.register_buffer(f"b{layer}", bias)
 
     def forward(self, padded: _Padded) -> tuple[None, tuple[Tensor, None]]:
         if not isinstance(padded, _Padded):
-            raise TypeError("MaskedLSTM needs the patched pack_padded_sequence "
+            raise TypeError("OnnxLSTM needs the patched pack_padded_sequence "
                             f"(got {type(padded).__name__})")
         x, lengths = padded
-        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # (1, L)
-        ends = lengths.unsqueeze(1)  # (B, 1)
-        # Reverses the first `length` steps of each row and keeps padding where it is; it is
-        # its own inverse, so the same index also puts backward outputs back in order.
-        reverse = torch.where(positions < ends, ends - 1 - positions, positions)
-        last = (ends - 1).unsqueeze(2)  # (B, 1, 1): index of each row's last real step
+        x = x.transpose(0, 1)  # time-major, as the ONNX operator's default layout wants
         finals = []
-        for layer in range(len(self.cells) // self.directions):
-            outputs = []
-            for direction in range(self.directions):
-                cell = self.cells[layer * self.directions + direction]
-                seq = x if direction == 0 else _take_steps(x, reverse)
-                out, _ = cell(seq, _zero_state(x, cell.hidden_size))
-                finals.append(_take_steps(out, last).squeeze(1))
-                outputs.append(out if direction == 0 else _take_steps(out, reverse))
-            x = torch.cat(outputs, dim=2)
-        return None, (torch.stack(finals), None)
+        for layer in range(self.layers):
+            x, last = _LSTMNode.apply(x, lengths, getattr(self, f"w{layer}"),
+                                      getattr(self, f"r{layer}"), getattr(self, f"b{layer}"))
+            finals.append(last)
+        return None, (torch.cat(finals), None)
 
 
-def _lstm_weight_names(bias: bool) -> list[str]:
-    return ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else [])
+def _onnx_gate_order(weight: Tensor) -> Tensor:
+    """PyTorch stacks an LSTM's gates as input, forget, cell, output; ONNX as input, output,
+    forget, cell."""
+    i, f, c, o = weight.chunk(4)
+    return torch.cat([i, o, f, c])
 
 
-def _take_steps(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, L, D) at time steps index (B, K) -> (B, K, D)."""
-    if index.dim() == 3:
-        index = index.squeeze(2)
-    return torch.gather(x, 1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
+class _LSTMNode(torch.autograd.Function):
+    """One ONNX ``LSTM`` node: x (L, B, in) time-major, lengths (B,), W, R, B in ONNX's
+    layout and gate order -> (outputs (L, B, directions * H), final states (directions, B,
+    H)). The PyTorch side computes what the operator computes (padding steps leave the state
+    alone and output zeros); it runs while tracing, so it is written for clarity, not speed.
+    """
 
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lengths: Tensor, w: Tensor, r: Tensor,
+                b: Tensor) -> tuple[Tensor, Tensor]:
+        steps, batch, _ = x.shape
+        hidden = r.shape[-1]
+        outputs, finals = [], []
+        for direction in range(w.shape[0]):
+            h = x.new_zeros(batch, hidden)
+            c = x.new_zeros(batch, hidden)
+            out = x.new_zeros(steps, batch, hidden)
+            order = range(steps) if direction == 0 else range(steps - 1, -1, -1)
+            bias = b[direction, : 4 * hidden] + b[direction, 4 * hidden:]
+            for t in order:
+                gates = x[t] @ w[direction].T + h @ r[direction].T + bias
+                i, o, f, cell = gates.chunk(4, dim=-1)
+                c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(cell)
+                h_next = torch.sigmoid(o) * torch.tanh(c_next)
+                live = (t < lengths).unsqueeze(1)
+                c = torch.where(live, c_next, c)
+                h = torch.where(live, h_next, h)
+                out[t] = torch.where(live, h_next, torch.zeros_like(h_next))
+            outputs.append(out)
+            finals.append(h)
+        return torch.cat(outputs, dim=-1), torch.stack(finals)
 
-def _zero_state(x: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
-    # Built from x's own batch dimension, so the traced graph keeps the batch dynamic (an
-    # LSTM left to make its own zeros bakes the example's batch size into the graph).
-    zeros = x[:, :1, :1].transpose(0, 1).mul(0).expand(1, -1, hidden).contiguous()
-    return zeros, zeros
+    @staticmethod
+    def symbolic(g: Any, x: Any, lengths: Any, w: Any, r: Any, b: Any) -> tuple[Any, Any]:
+        from torch.onnx import symbolic_helper
+
+        directions, hidden4, _ = symbolic_helper._get_tensor_sizes(w)
+        lens = g.op("Cast", lengths, to_i=6)  # INT32, what sequence_lens must be
+        out, last, _ = g.op("LSTM", x, w, r, b, lens, hidden_size_i=hidden4 // 4,
+                            direction_s="bidirectional" if directions == 2 else "forward",
+                            outputs=3)
+        # (L, directions, B, H) -> (L, B, directions * H), the next layer's input
+        out = g.op("Transpose", out, perm_i=[0, 2, 1, 3])
+        out = g.op("Reshape", out, g.op("Constant", value_t=torch.tensor([0, 0, -1])))
+        return out, last
 
 
 @contextlib.contextmanager
@@ -142,7 +175,7 @@ def exportable(model: nn.Module) -> Iterator[nn.Module]:
     """A logits-only copy of ``model`` (eval mode) that traces to ONNX; ``model`` is untouched.
 
     The module's own ``forward`` runs, buffers included (e.g. a vocabulary remap); only the
-    BiLSTM's packing is replaced, for the duration, by ``MaskedLSTM`` on a copy: the
+    BiLSTM's packing is replaced, for the duration, by ``OnnxLSTM`` on a copy: the
     TorchScript exporter fails on ``pack_padded_sequence`` with unsorted lengths; and a
     TextCNN computes its convolutions as one MatMul (``TextCNN.windows_as_matmul``), which
     ONNX Runtime's dynamic quantizer turns into fast int8 kernels.
@@ -155,7 +188,7 @@ def exportable(model: nn.Module) -> Iterator[nn.Module]:
             module.windows_as_matmul = True
     lstm_owners = [m for m in twin.modules() if isinstance(m, bilstm.BiLSTM)]
     for owner in lstm_owners:
-        owner.lstm = MaskedLSTM(owner.lstm)
+        owner.lstm = OnnxLSTM(owner.lstm)
     patch = (mock.patch.object(bilstm, "pack_padded_sequence", _pack_as_padded)
              if lstm_owners else contextlib.nullcontext())
     with patch:
@@ -178,8 +211,6 @@ def export_onnx(model: nn.Module, example: tuple[Tensor, Tensor], path: Path,
     with exportable(model) as module, warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        # Warns about every LSTM; MaskedLSTM passes zero states sized from the input's batch.
-        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size")
         # Generic cautions (BERT's mask indexing, unfolded slices); the parity check on real
         # padded batches is what tells whether the graph is right.
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
