@@ -283,17 +283,11 @@ def measure_systems(project: Path, root: Path, extra: dict, threads: int,
 def measure(model, val, test, budget: float) -> dict[str, Any]:
     """Quality on validation and test, then latency/throughput on validation texts."""
     from kdpipe.evaluation import latency
-    from kdpipe.evaluation.models import predict_logits
-    from kdpipe.metrics import accuracy_and_f1
 
     record: dict[str, Any] = {}
     for prefix, split in (("", val), ("test_", test)):
-        if split is None:
-            record[f"{prefix}accuracy"] = record[f"{prefix}macro_f1"] = None
-            continue
-        predicted = predict_logits(model, split.texts, 64).argmax(axis=1)
-        acc, f1 = accuracy_and_f1(np.asarray(split.labels), predicted)
-        record[f"{prefix}accuracy"], record[f"{prefix}macro_f1"] = acc, f1
+        record[f"{prefix}accuracy"], record[f"{prefix}macro_f1"] = (
+            (None, None) if split is None else quality(model, split))
     for size in BATCHES:
         batch = latency.batch_of(val.texts, size)
         seconds = timed(lambda b=batch: model.logits(b), budget)
@@ -304,6 +298,15 @@ def measure(model, val, test, budget: float) -> dict[str, Any]:
             record["tokenize_b1_p50_ms"] = latency.percentiles_ms(alone)["p50"]
         record[f"throughput_b{size}"] = float(size * len(seconds) / seconds.sum())
     return record
+
+
+def quality(model, split) -> tuple[float, float]:
+    """Accuracy and macro-F1 of ``model`` (a ModelUnderTest) on a prepared split."""
+    from kdpipe.evaluation.models import predict_logits
+    from kdpipe.metrics import accuracy_and_f1
+
+    predicted = predict_logits(model, split.texts, 64).argmax(axis=1)
+    return accuracy_and_f1(np.asarray(split.labels), predicted)
 
 
 def timed(call, budget: float, warmup: int = 3, most: int = 2000) -> np.ndarray:

@@ -16,22 +16,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 import run as bench  # noqa: E402  (bench/run.py: machine(), write_json, RESULTS)
 
 
 def score(folder: Path, splits: dict) -> dict[str, float]:
-    from kdpipe.evaluation.models import onnx_folder, predict_logits
-    from kdpipe.metrics import accuracy_and_f1
+    from kdpipe.evaluation.models import onnx_folder
 
     model = onnx_folder(folder.name, folder, 1, 64)
     out = {}
     for name, split in splits.items():
-        predicted = predict_logits(model, split.texts, 64).argmax(axis=1)
-        acc, f1 = accuracy_and_f1(np.asarray(split.labels), predicted)
-        out[f"{name}_accuracy"], out[f"{name}_macro_f1"] = acc, f1
+        out[f"{name}_accuracy"], out[f"{name}_macro_f1"] = bench.quality(model, split)
     return out
 
 
@@ -40,6 +35,8 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="a project's work folder (prepared/)")
     parser.add_argument("folders", nargs="+", help="NAME=exported folder")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--name", default=None, help="data name in the results file name "
+                        "(default: a bench/run.py project's, <root>/<name>/full/work)")
     args = parser.parse_args()
     from kdpipe.steps.ingest import read_split
 
@@ -55,7 +52,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | " + " | ".join(
             f"{r[f'{s}_accuracy']:.4f} | {r[f'{s}_macro_f1']:.4f}" for s in splits) + " |")
-    data = Path(args.work).resolve().parents[1].name  # <work root>/<data>/full/work
+    data = args.name or Path(args.work).resolve().parents[1].name
     bench.write_json(bench.RESULTS / f"score_{data}{args.tag}.json",
                      {"data": data, "work": args.work, "machine": bench.machine(),
                       "models": results})
