@@ -2,7 +2,7 @@
 
 Fused AdamW updates every tensor in one kernel instead of a Python loop of small ops per
 tensor; it is the same update rule. On the 2-core development CPU it cut the optimizer step
-of the default TextCNN student (4.1M parameters, most of them the embedding) from 22 ms to
+of the TextCNN student (4.1M parameters, most of them the embedding) from 22 ms to
 3.8 ms, a third of a whole distillation step (``docs/benchmarks.md``).
 """
 

@@ -43,7 +43,8 @@ class Resources:
     cpu_limit: str | None = None
 
 
-# Sized for the default MiniLM teacher and a TextCNN student; raise them for bigger models.
+# Sized for the default MiniLM teacher and a BiLSTM or TextCNN student; raise them for bigger
+# models.
 RESOURCES: dict[str, Resources] = {
     "ingest": Resources("1", "2Gi"),
     "teacher": Resources("4", "16Gi", gpu=True),
