@@ -88,19 +88,11 @@ class OnnxLSTM(nn.Module):
         if not lstm.batch_first or lstm.proj_size:
             raise KdpipeError("OnnxLSTM: expects a batch_first LSTM without projections")
         self.layers = lstm.num_layers
-        suffixes = ("", "_reverse")[: 2 if lstm.bidirectional else 1]
         for layer in range(lstm.num_layers):
-            def stacked(name: str, layer: int = layer) -> Tensor:
-                return torch.stack([_onnx_gate_order(getattr(lstm, f"{name}_l{layer}{sfx}"))
-                                    for sfx in suffixes]).detach().clone()
-
-            hidden4 = 4 * lstm.hidden_size
-            bias = (torch.cat([stacked("bias_ih"), stacked("bias_hh")], dim=1) if lstm.bias
-                    else torch.zeros(len(suffixes), 2 * hidden4))
-            # ONNX's layout: W (directions, 4H, in), R (directions, 4H, H), B (directions, 8H).
-            self.register_buffer(f"w{layer}", stacked("weight_ih"))
-            self.register_buffer(f"r{layer}", stacked("weight_hh"))
-            self.register_buffer(f"b{layer}", bias)
+            w, r, b = _onnx_lstm_weights(lstm, layer)
+            self.register_buffer(f"w{layer}", w)
+            self.register_buffer(f"r{layer}", r)
+            self.register_buffer(f"b{layer}", b)
 
     def forward(self, padded: _Padded) -> tuple[None, tuple[Tensor, None]]:
         if not isinstance(padded, _Padded):
@@ -114,6 +106,20 @@ class OnnxLSTM(nn.Module):
                                       getattr(self, f"r{layer}"), getattr(self, f"b{layer}"))
             finals.append(last)
         return None, (torch.cat(finals), None)
+
+
+def _onnx_lstm_weights(lstm: nn.LSTM, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer's weights in ONNX's layout and gate order: W (directions, 4H, in),
+    R (directions, 4H, H), B (directions, 8H: input biases, then recurrent ones)."""
+    suffixes = ("", "_reverse")[: 2 if lstm.bidirectional else 1]
+
+    def stacked(name: str) -> Tensor:
+        return torch.stack([_onnx_gate_order(getattr(lstm, f"{name}_l{layer}{sfx}"))
+                            for sfx in suffixes]).detach().clone()
+
+    bias = (torch.cat([stacked("bias_ih"), stacked("bias_hh")], dim=1) if lstm.bias
+            else torch.zeros(len(suffixes), 8 * lstm.hidden_size))
+    return stacked("weight_ih"), stacked("weight_hh"), bias
 
 
 def _onnx_gate_order(weight: Tensor) -> Tensor:
