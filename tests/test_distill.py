@@ -42,7 +42,8 @@ def _config(raw, tmp_path, **distill_settings):
     raw = json.loads(json.dumps(raw))
     raw["student"] = {**SMALL_STUDENT, **distill_settings.pop("student", {})}
     raw["fractionate"] = distill_settings.pop("fractionate", {})
-    raw["distill"] = {"epochs": 4, "lr": 1e-2, "batch_size": 32, **distill_settings}
+    raw["distill"] = {"epochs": 4, "min_steps": 0, "lr": 1e-2, "batch_size": 32,
+                      **distill_settings}
     cfg = validate(raw, "test")
     fractions = tmp_path / "fractions"
     fractionate.run(cfg, cfg.paths.soft_labels, cfg.paths.prepared, fractions)
@@ -84,6 +85,23 @@ def test_distillation_improves_on_the_initial_student_and_reloads(pipeline_dir, 
     assert report["best"]["accuracy"] == result.metrics["val_accuracy"]
     assert (tmp_path / "student" / "tokenizer.json").exists()
     assert not list((tmp_path / "student").glob("*.bin"))
+
+
+@pytest.mark.parametrize("strategy", ["all", "dynamic"])
+def test_a_small_transfer_set_gets_epochs_until_min_steps(pipeline_dir, tmp_path, strategy):
+    cfg, fractions = _config(pipeline_dir, tmp_path, epochs=1, min_steps=25,
+                             early_stopping_patience=None,
+                             fractionate={"strategy": strategy, "schedule": [0.5, 1.0]})
+    per_epoch = [-(-len(fractionate.load(fractions, e)[0]) // 32) for e in range(9)]
+    epochs = next(e for e in range(1, 10) if sum(per_epoch[:e]) >= 25)
+    assert epochs > 1
+    _distill(cfg, fractions, tmp_path / "s")
+    report = json.loads((tmp_path / "s" / "distill.json").read_text())
+    assert report["planned"] == {"epochs": epochs, "steps": sum(per_epoch[:epochs])}
+    assert sorted({e["epoch"] for e in report["evaluations"]}) == list(range(epochs))
+    # A set already large enough keeps distill.epochs.
+    assert distill.plan_epochs(cfg.model_copy(update={"distill": cfg.distill.model_copy(
+        update={"epochs": 3, "min_steps": 2})}), fractions) == (3, sum(per_epoch[:3]))
 
 
 @pytest.mark.parametrize("settings,terms", [

@@ -62,6 +62,7 @@ def _fresh_clone(tmp_path: Path, teacher: Path) -> Path:
     params["teacher"].update(checkpoint=str(teacher), epochs=1)
     params["student"]["embedding_dim"] = 16
     params["distill"]["epochs"] = 1
+    params["distill"]["min_steps"] = 0
     params["evaluate"].update(latency_repeats=2, latency_warmup=0)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=clone)

@@ -134,12 +134,13 @@ def test_plan_dynamic_by_entropy_on_crafted_logits():
 @pytest.fixture
 def labelled(make_config, tmp_path, tiny_bert):
     """``build(**overrides)``: a config over 60 separable rows with prepared data and soft
-    labels in place (made once per test; fractionate overrides do not change them)."""
+    labels in place (made once per test; fractionate overrides do not change them); no
+    augmented texts unless asked for."""
     csv = write_csv(tmp_path / "data" / "small.csv", separable_rows(60))
 
     def build(**overrides):
         cfg = make_config(**{"data.source": str(csv), "soft_labels.batch_size": 32,
-                             **overrides})
+                             "soft_labels.augment.enabled": False, **overrides})
         if not (cfg.paths.soft_labels / "manifest.json").exists():
             ingest.run(cfg, cfg.paths.prepared)
             soft_labels.run(cfg, tiny_bert, cfg.paths.prepared, cfg.paths.soft_labels)

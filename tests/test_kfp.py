@@ -305,7 +305,7 @@ def kfp_leftovers():
 def tiny_settings(root: Path, teacher: Path, csv: Path | str, **extra) -> dict:
     return {"work_dir": str(root / "work"), "data": {"source": str(csv)},
             "teacher": {"checkpoint": str(teacher), "max_steps": 2},
-            "ingest": {"max_length": 32}, "distill": {"epochs": 1},
+            "ingest": {"max_length": 32}, "distill": {"epochs": 1, "min_steps": 0},
             "soft_labels": {"cache_dir": str(root / "cache"), "batch_size": 16},
             "evaluate": {"models": ["teacher", "quantized"], "latency_repeats": 1,
                          "latency_warmup": 0}, **extra}

@@ -22,11 +22,11 @@ SPLITS = ("train", "validation", "test")
 @pytest.fixture
 def setup(make_config, separable_csv, tiny_bert):
     """A config over the separable CSV (batches of 16, so length sorting reorders rows),
-    prepared data, and the tiny teacher folder."""
+    prepared data, and the tiny teacher folder; no augmented texts unless asked for."""
 
     def build(**overrides):
-        cfg = make_config(**{"data.source": str(separable_csv),
-                             "soft_labels.batch_size": 16, **overrides})
+        cfg = make_config(**{"data.source": str(separable_csv), "soft_labels.batch_size": 16,
+                             "soft_labels.augment.enabled": False, **overrides})
         if not (cfg.paths.prepared / "data_card.json").exists():
             ingest.run(cfg, cfg.paths.prepared)
         return cfg

@@ -106,10 +106,11 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
     start = time.perf_counter()
     tokenizer = load_tokenizer(str(teacher_dir))
     data = load_transfer(cfg, Path(prepared_dir), Path(soft_labels_dir), tokenizer)
+    epochs, steps = plan_epochs(cfg, Path(fractions_dir))
+    cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"epochs": epochs})})
     with torch_threads(cfg.distill.num_threads):
         torch.manual_seed(cfg.seed)
-        t = make_trainer(cfg, data, Path(teacher_dir), tokenizer,
-                         steps=planned_steps(cfg, data, Path(fractions_dir)))
+        t = make_trainer(cfg, data, Path(teacher_dir), tokenizer, steps)
         resumable = None
         if checkpoint_dir is not None:
             resumable = (Path(checkpoint_dir),
@@ -122,7 +123,8 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
         write_json(tmp / "distill.json", {
             "best": {k: v for k, v in best.items() if k != "model"},
             "params": count_parameters(best["model"]),
-            "seconds": round(seconds, 1), "resumed_at_epoch": t.resumed_at, **t.history})
+            "seconds": round(seconds, 1), "resumed_at_epoch": t.resumed_at,
+            "planned": {"epochs": epochs, "steps": steps}, **t.history})
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     metrics = {"val_accuracy": best["accuracy"], "val_macro_f1": best["macro_f1"],
@@ -164,10 +166,17 @@ def load_transfer(cfg: Config, prepared_dir: Path, soft_labels_dir: Path,
                         tokenizer.pad_token_id)
 
 
-def planned_steps(cfg: Config, data: TransferData, fractions_dir: Path) -> int:
-    size = cfg.distill.batch_size
-    return sum(-(-len(fractionate.load(fractions_dir, e)[0]) // size)
-               for e in range(cfg.distill.epochs))
+def plan_epochs(cfg: Config, fractions_dir: Path) -> tuple[int, int]:
+    """(epochs, optimizer steps): ``distill.epochs``, or more epochs when those would take
+    fewer than ``distill.min_steps`` steps (a small data set gets as many updates as a
+    larger one would in its first epochs)."""
+    d = cfg.distill
+    epochs = steps = 0
+    while epochs < d.epochs or steps < d.min_steps:
+        rows = len(fractionate.load(fractions_dir, epochs)[0])
+        steps += max(1, -(-rows // d.batch_size))
+        epochs += 1
+    return epochs, steps
 
 
 def make_trainer(cfg: Config, data: TransferData, teacher_dir: Path, tokenizer: Any,
