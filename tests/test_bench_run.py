@@ -65,8 +65,7 @@ def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys):
     data = _data(tmp_path / "mini")
     tiny = [f"teacher.checkpoint={tiny_bert}", "teacher.epochs=1", "student.embedding_dim=16",
             "distill.epochs=2", "distill.min_steps=0", "evaluate.latency_repeats=2",
-            "evaluate.latency_warmup=0",
-            "ingest.max_length=32"]
+            "evaluate.latency_warmup=0", "ingest.max_length=32"]
     argv = ["--data", str(data), "--work", str(tmp_path / "work"), "--results",
             str(tmp_path / "results"), "--budget", "0.05"]
     for item in tiny:

@@ -34,7 +34,8 @@ def command(work: Path, tiny_bert: Path, csv: Path) -> list[str]:
             "-S", f"soft_labels.cache_dir={work / 'cache'}",
             # Several epochs and a checkpoint per teacher step leave room to land a kill.
             "-S", "teacher.epochs=4", "-S", "teacher.checkpoint_every_steps=1",
-            "-S", "teacher.early_stopping_patience=null", "-S", "distill.epochs=4", "-S", "distill.min_steps=0",
+            "-S", "teacher.early_stopping_patience=null", "-S", "distill.epochs=4",
+            "-S", "distill.min_steps=0",
             "-S", "distill.early_stopping_patience=null",
             "-S", "evaluate.latency_repeats=2", "-S", "evaluate.latency_warmup=0"]
 

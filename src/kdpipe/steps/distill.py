@@ -171,10 +171,11 @@ def plan_epochs(cfg: Config, fractions_dir: Path) -> tuple[int, int]:
     fewer than ``distill.min_steps`` steps (a small data set gets as many updates as a
     larger one would in its first epochs)."""
     d = cfg.distill
+    per_epoch = [max(1, -(-rows // d.batch_size))
+                 for rows in fractionate.epoch_sizes(fractions_dir)]
     epochs = steps = 0
     while epochs < d.epochs or steps < d.min_steps:
-        rows = len(fractionate.load(fractions_dir, epochs)[0])
-        steps += max(1, -(-rows // d.batch_size))
+        steps += per_epoch[min(epochs, len(per_epoch) - 1)]
         epochs += 1
     return epochs, steps
 

@@ -254,17 +254,28 @@ def make_report(cfg: Config, data: TransferSet, epochs: list[tuple[np.ndarray, n
     }
 
 
+def epoch_sizes(out_dir: Path) -> list[int]:
+    """Rows of each epoch written (the last repeats past the end, as in ``load``), read from
+    the index files' headers only."""
+    out_dir = Path(out_dir)
+    return [len(np.load(out_dir / f"epoch_{e:03d}_indices.npy", mmap_mode="r",
+                        allow_pickle=False)) for e in range(_epochs_written(out_dir))]
+
+
+def _epochs_written(out_dir: Path) -> int:
+    try:
+        return json.loads((out_dir / REPORT).read_text(encoding="utf-8"))["epochs"]
+    except FileNotFoundError:
+        raise KdpipeError(f"{out_dir}: no {REPORT}; run `kdpipe fractionate` first") from None
+
+
 def load(out_dir: Path, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """``(indices int64, weights float32)`` for ``epoch`` (0-based); epochs past the last one
     written reuse the last, as a dynamic schedule's last entry repeats."""
     if epoch < 0:
         raise ValueError(f"epoch: expected >= 0, got {epoch}")
     out_dir = Path(out_dir)
-    try:
-        written = json.loads((out_dir / REPORT).read_text(encoding="utf-8"))["epochs"]
-    except FileNotFoundError:
-        raise KdpipeError(f"{out_dir}: no {REPORT}; run `kdpipe fractionate` first") from None
-    e = min(epoch, written - 1)
+    e = min(epoch, _epochs_written(out_dir) - 1)
     indices = np.load(out_dir / f"epoch_{e:03d}_indices.npy", allow_pickle=False)
     weights = np.load(out_dir / f"epoch_{e:03d}_weights.npy", allow_pickle=False)
     if indices.shape != weights.shape:
