@@ -453,6 +453,36 @@ def test_step_without_vocabulary_pruning_keeps_every_id(pipeline, tmp_path, tiny
                        run_on(original, tokenizer, KEPT_ONLY).logits)
 
 
+def test_commonest_missing_ids_are_the_lowest_unkept_ids_past_placeholders(tokenizer):
+    # ids 0..4 are the bracketed [PAD] [UNK] [CLS] [SEP] [MASK]: never added, kept or not.
+    assert prune.commonest_missing(tokenizer, [], 2, len(tokenizer)) == [5, 6]
+    assert prune.commonest_missing(tokenizer, [0, 1, 5, 7], 3, len(tokenizer)) == [6, 8, 9]
+    assert prune.commonest_missing(tokenizer, [], 3, 7) == [5, 6]  # no ids past the rows
+    assert prune.commonest_missing(tokenizer, [], 0, len(tokenizer)) == []
+
+
+def test_step_tops_the_vocabulary_up_with_exact_rows(pipeline, tmp_path, tiny_bert, tokenizer):
+    # The fixture's train texts lack "lovely" and "nasty"; one more row than they fill keeps
+    # "lovely" (the lower id) exactly, while "nasty" still reads a low-rank row.
+    cfg = validate(pipeline, "test")
+    train = ingest.read_split(cfg.paths.prepared / "train.parquet").texts
+    seen = kept_for(tokenizer, train)
+    lovely, nasty = tokenizer.convert_tokens_to_ids(["lovely", "nasty"])
+    assert lovely < nasty and not {lovely, nasty} & set(seen)
+    _, student_dir, result, report = _run(pipeline, tmp_path, "bilstm", tiny_bert, tokenizer,
+                                          min_vocab_rows=len(seen) + 1, unseen_rank=2)
+    first_missing = min(set(range(5, len(tokenizer))) - set(seen))
+    assert first_missing == lovely
+    assert result.metrics["vocab_kept"] == len(seen) + 1
+    assert (report["vocabulary"]["seen_in_train"], report["vocabulary"]["added_common"]) == (
+        len(seen), 1)
+    loaded, original = pruning.load_pruned(tmp_path / "pruned"), load_student(student_dir)
+    rows = pruning.ARCHS["bilstm"].embedding(loaded.student).num_embeddings
+    assert loaded.vocab_remap[lovely] < rows <= loaded.vocab_remap[nasty]
+    ids = tokenizer("the lovely film")["input_ids"]
+    torch.testing.assert_close(run_ids(loaded, ids), run_ids(original, ids), atol=1e-6, rtol=0)
+
+
 def test_load_pruned_names_the_missing_file(tiny_bert, tokenizer, tmp_path):
     student_dir = _student_dir("textcnn", tiny_bert, tokenizer, tmp_path / "student")
     with pytest.raises(KdpipeError, match="pruning.json: not found"):

@@ -298,6 +298,10 @@ class PruneConfig(Section):
     unseen_rank: int = Field(
         16, ge=1, description="unseen_tokens=own: numbers kept per dropped token."
     )
+    min_vocab_rows: int = Field(
+        0, ge=0, description="vocabulary: keep at least this many exact embedding rows, "
+        "adding the tokenizer's commonest tokens the training texts lack."
+    )
     finetune_epochs: int = Field(0, ge=0, description="Short KD fine-tune after pruning.")
     finetune_lr: float = Field(1e-3, gt=0)
 

@@ -140,13 +140,14 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
 
 
 def load_transfer(cfg: Config, prepared_dir: Path, soft_labels_dir: Path,
-                  tokenizer: Any) -> TransferData:
-    """Texts (train + augmented), gold labels (-1 for augmented), teacher outputs, tokenized."""
+                  tokenizer: Any, augmented: bool = True) -> TransferData:
+    """Texts (train, + augmented where ``augmented`` and fractionate.include_augmented say
+    so), gold labels (-1 for augmented), teacher outputs, tokenized."""
     arrays = soft_labels.load(soft_labels_dir)
     train = read_split(prepared_dir / "train.parquet")
     texts, labels = list(train.texts), list(train.labels)
     logits, feats = [arrays["train_logits"]], [arrays.get("train_features")]
-    if "augment_logits" in arrays and cfg.fractionate.include_augmented:
+    if "augment_logits" in arrays and augmented and cfg.fractionate.include_augmented:
         augmented = soft_labels.load_augment_texts(soft_labels_dir)
         texts += augmented
         labels += [-1] * len(augmented)
