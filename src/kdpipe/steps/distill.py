@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdpipe import distill_checkpoint, losses
+from kdpipe import distill_checkpoint, losses, trained_rows
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.batching import bucketed_batches
 from kdpipe.config import Config
@@ -116,6 +116,7 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
             resumable = (Path(checkpoint_dir),
                          distill_checkpoint.fingerprint(cfg, Path(soft_labels_dir)))
         best = train(t, Path(fractions_dir), log_metric, resumable)
+    best["model"] = trained_rows.merge(best["model"], cfg.student.arch)
     seconds = time.perf_counter() - start
     with atomic_dir(out_dir) as tmp:
         save_student(best["model"], tmp)
@@ -190,6 +191,8 @@ def make_trainer(cfg: Config, data: TransferData, teacher_dir: Path, tokenizer: 
     d = cfg.distill
     student = build_student(cfg.student, len(data.label_names), teacher_dir, data.pad_id,
                             len(tokenizer))
+    if d.weight_decay == 0:  # see kdpipe.trained_rows for why not with decay
+        trained_rows.restrict(student, cfg.student.arch, data.ids)
     active = set(losses.LossTerms.for_epoch(d, d.epochs - 1).weights)
     needs_features = active & {"feature", "crd"}
     if needs_features and data.teacher_features is None:
