@@ -469,8 +469,9 @@ def test_step_tops_the_vocabulary_up_with_exact_rows(pipeline, tmp_path, tiny_be
     seen = kept_for(tokenizer, train)
     lovely, nasty = tokenizer.convert_tokens_to_ids(["lovely", "nasty"])
     assert lovely < nasty and not {lovely, nasty} & set(seen)
+    one_more = (len(seen) + 1) / len(tokenizer)
     _, student_dir, result, report = _run(pipeline, tmp_path, "bilstm", tiny_bert, tokenizer,
-                                          min_vocab_rows=len(seen) + 1, unseen_rank=2)
+                                          min_vocab_fraction=one_more, unseen_rank=2)
     first_missing = min(set(range(5, len(tokenizer))) - set(seen))
     assert first_missing == lovely
     assert result.metrics["vocab_kept"] == len(seen) + 1

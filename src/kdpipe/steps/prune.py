@@ -60,7 +60,7 @@ def run(cfg: Config, student_dir: Path, prepared_dir: Path, soft_labels_dir: Pat
     with torch_threads(cfg.distill.num_threads):
         if p.vocabulary:
             report["vocabulary"] = prune_vocabulary(model, data, tokenizer, p.unseen_tokens,
-                                                   p.unseen_rank, p.min_vocab_rows)
+                                                   p.unseen_rank, p.min_vocab_fraction)
             accuracy["after_vocabulary"] = val_accuracy(model, data)
         if p.structured_fraction > 0:
             pruning.prune_structure(model, p.structured_fraction)
@@ -122,10 +122,10 @@ def load_student_tokenizer(student_dir: Path) -> Any:
 
 def prune_vocabulary(model: pruning.PrunedStudent, data: distill.TransferData,
                      tokenizer: Any, unseen: str = "own", rank: int = 32,
-                     min_rows: int = 0) -> dict[str, Any]:
+                     min_fraction: float = 0.0) -> dict[str, Any]:
     """Keep the ids of the tokenized training texts (truncated at max_length, as distill
-    saw them) plus the special tokens, topped up to ``min_rows`` ids with
-    ``commonest_missing``; a dropped id reads its own row at rank ``rank``
+    saw them) plus the special tokens, topped up to ``min_fraction`` of the embedding's
+    rows with ``commonest_missing``; a dropped id reads its own row at rank ``rank``
     (``unseen="own"``), its nearest kept word (``"nearest"``) or [UNK] (``"unk"``). What was
     kept, for the report."""
     if tokenizer.unk_token_id is None:
@@ -135,7 +135,8 @@ def prune_vocabulary(model: pruning.PrunedStudent, data: distill.TransferData,
     special = {*tokenizer.all_special_ids, tokenizer.unk_token_id}
     seen = pruning.kept_token_ids(train_ids, special)
     original = pruning.ARCHS[model.arch].embedding(model.student).num_embeddings
-    added = commonest_missing(tokenizer, seen, min(min_rows, original) - len(seen), original)
+    added = commonest_missing(tokenizer, seen, round(min_fraction * original) - len(seen),
+                              original)
     kept = sorted([*seen, *added])
     # A dropped word should read a kept word, not [CLS] or [SEP].
     nearest = [i for i in kept if i not in special] if unseen == "nearest" else None
