@@ -5,16 +5,16 @@ SST-2's training texts hold 11,572 distinct tokens. The rows of the others never
 gradient, but the backward pass, gradient clipping and a dense optimizer still go over all
 of them on every step: for the default BiLSTM on SST-2 a training step took 19.7 ms with the
 whole table trained and 16.0 ms with only the reachable rows (``bench/train_step.py``,
-docs/benchmarks.md). ``RowSubsetEmbedding`` keeps the
-reachable rows as the trainable parameter and the rest as a frozen buffer; ``merge`` turns it
-back into a plain ``nn.Embedding`` before the student is saved.
+docs/benchmarks.md). ``RowSubsetEmbedding`` keeps the reachable rows as the trainable
+parameter and the rest as a frozen buffer; ``merge`` turns it back into a plain
+``nn.Embedding`` before the student is saved.
 
 The result is the same model a full-table run trains (the unreached rows get zero gradient,
 so Adam leaves them as they were; gradient clipping sees the same norm) provided there is no
 weight decay, which would shrink them: distill therefore restricts only when
 ``distill.weight_decay`` is 0 (the default). torch's ``sparse=True`` embeddings would also
 avoid the dense update, but need SparseAdam (lazy moments: different training) and do not
-work with ``clip_grad_norm_``.
+work with ``clip_grad_norm_`` (no norm kernel for sparse tensors in torch 2.13).
 """
 
 from __future__ import annotations
