@@ -1,12 +1,12 @@
-"""How much of the vocabulary vocabulary pruning should keep: a ``prune.min_vocab_fraction``
-sweep over one bench project's distilled student.
+"""How much of the vocabulary pruning should keep: a ``prune.min_vocab_fraction`` sweep over
+one bench project's distilled student.
 
     python bench/vocab_fraction.py --work /tmp/kdpipe-bench/sst2/full --fractions 0,0.46,0.55
 
 For each fraction, runs kdpipe's prune, export and quantize steps on the project's student
 (``work/student``) with that setting (all else from the project's params.yaml) into
 ``--out``/<fraction>, then scores the int8 folder on validation and test as bench/run.py
-does and sizes it against the teacher's fp32 ONNX (from the project's baseline report).
+does and sizes it against the teacher's fp32 ONNX (the project's baseline step wrote it).
 Prints a markdown table and writes bench/results/vocab_fraction_<data name>.json.
 """
 

@@ -61,9 +61,8 @@ class RowSubsetEmbedding(nn.Module):
 def reachable_ids(token_ids: Iterable[Sequence[int]], padding_idx: int | None) -> Tensor:
     """Sorted distinct ids in ``token_ids``, without the padding id (its row gets no
     gradient in ``nn.Embedding`` either)."""
-    seen = set(pruning.kept_token_ids(token_ids, ()))
-    seen.discard(padding_idx)
-    return torch.tensor(sorted(seen), dtype=torch.long)
+    ids = pruning.kept_token_ids(token_ids, ())
+    return torch.tensor([i for i in ids if i != padding_idx], dtype=torch.long)
 
 
 def restrict(student: nn.Module, arch: str, token_ids: Iterable[Sequence[int]]) -> None:

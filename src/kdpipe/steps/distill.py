@@ -149,9 +149,9 @@ def load_transfer(cfg: Config, prepared_dir: Path, soft_labels_dir: Path,
     texts, labels = list(train.texts), list(train.labels)
     logits, feats = [arrays["train_logits"]], [arrays.get("train_features")]
     if "augment_logits" in arrays and augmented and cfg.fractionate.include_augmented:
-        augmented = soft_labels.load_augment_texts(soft_labels_dir)
-        texts += augmented
-        labels += [-1] * len(augmented)
+        variants = soft_labels.load_augment_texts(soft_labels_dir)
+        texts += variants
+        labels += [-1] * len(variants)
         logits.append(arrays["augment_logits"])
         feats.append(arrays.get("augment_features"))
     if len(arrays["train_logits"]) != len(train.texts):
