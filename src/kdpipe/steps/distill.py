@@ -18,6 +18,7 @@ best on validation is saved.
 from __future__ import annotations
 
 import copy
+import itertools
 import shutil
 import time
 from collections.abc import Callable
@@ -302,13 +303,13 @@ def make_batch(data: TransferData, rows: np.ndarray, weights: np.ndarray) -> Bat
 
 def pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-pad token id lists to the longest: (input_ids, attention_mask), both (B, L)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    mask = np.arange(lengths.max()) < lengths[:, None]
+    ids = np.full(mask.shape, pad_id, np.int64)
+    # A boolean mask assigns in row-major order: row by row, each row's ids left-aligned.
+    # One numpy call per batch; a tensor per row took 1.1 ms a batch of 64 (4% of distill).
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
 def train_step(t: Trainer, terms: losses.LossTerms, batch: Batch) -> dict[str, float]:
