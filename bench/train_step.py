@@ -1,7 +1,9 @@
 """Where a training step's time goes: forward, backward, clipping and the optimizer, for the
 distill step's student and the teacher's optimizer, with torch's per-tensor AdamW against the
-fused one that kdpipe.optim uses, and the whole embedding table trained against only the rows
-the transfer set reaches (kdpipe.trained_rows, what distill does).
+fused one that kdpipe.optim uses, the whole embedding table trained against only the rows
+the transfer set reaches (kdpipe.trained_rows, what distill does), and for a BiLSTM student
+its LSTM over a PackedSequence against the padded batch (``bilstm.final_states``, what
+distill does).
 
     python bench/train_step.py --work /tmp/kdpipe-bench/sst2/full
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -24,9 +27,17 @@ PARTS = ("forward", "backward", "clip", "optimizer")
 
 
 def distill_step_ms(cfg, data, teacher_dir, tokenizer, fused: bool, steps: int,
-                    warmup: int, reachable: bool = True) -> dict[str, float]:
+                    warmup: int, reachable: bool = True,
+                    packed: bool = False) -> dict[str, float]:
     """Mean milliseconds per part of the distill step on the first epoch's batches;
-    ``reachable`` False trains the whole embedding table (kdpipe.trained_rows undone)."""
+    ``reachable`` False trains the whole embedding table (kdpipe.trained_rows undone);
+    ``packed`` runs a BiLSTM's LSTM over a PackedSequence."""
+    if packed:
+        from kdpipe.models import bilstm
+
+        with mock.patch.object(bilstm, "final_states", bilstm.packed_final_states):
+            return distill_step_ms(cfg, data, teacher_dir, tokenizer, fused, steps, warmup,
+                                   reachable)
     from kdpipe import trained_rows
     from kdpipe.losses import LossTerms
     from kdpipe.steps import distill, fractionate
@@ -101,6 +112,9 @@ def main() -> None:
         rows[name] = distill_step_ms(cfg, data, cfg.paths.teacher, tokenizer, fused,
                                      args.steps, warmup=20, reachable=False)
         rows[name]["teacher_optimizer"] = teacher_optimizer_ms(cfg.paths.teacher, fused, 20)
+    if cfg.student.arch == "bilstm":
+        rows["fused, reachable rows, packed LSTM"] = distill_step_ms(
+            cfg, data, cfg.paths.teacher, tokenizer, True, args.steps, warmup=20, packed=True)
     rows["fused, reachable rows"] = distill_step_ms(cfg, data, cfg.paths.teacher, tokenizer,
                                                     True, args.steps, warmup=20)
     doc = {"project": str(project), "threads": args.threads, "steps": args.steps,

@@ -221,9 +221,3 @@ def test_damaged_or_foreign_distill_checkpoint_is_not_used(pipeline_dir, tmp_pat
                 checkpoint_dir=ckpt)
     assert json.loads((tmp_path / "o2" / "distill.json").read_text())["resumed_at_epoch"] is None
 
-
-def test_pad_right_pads_each_row_and_masks_its_real_tokens():
-    ids, mask = distill.pad([[5, 6, 7], [8], [9, 10]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
-    assert ids.dtype == mask.dtype == torch.long

@@ -8,6 +8,7 @@ training sorts within random buckets so batches stay shuffled across an epoch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,19 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Gen
         bucket = bucket[np.argsort(lengths[bucket], kind="stable")]
         batches.extend(bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def pad_ids(rows: Sequence[Sequence[int]], pad_id: int,
+            width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists right-padded to the longest (or to ``width``): ids (B, L) int64 and
+    the mask (B, L) bool, True on real tokens."""
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    mask = np.arange(width or lengths.max()) < lengths[:, None]
+    ids = np.full(mask.shape, pad_id, np.int64)
+    # A boolean mask assigns in row-major order: row by row, each row's ids left-aligned.
+    # One numpy call per batch; a tensor per row took 1.1 ms a batch of 64 in distill.
+    ids[mask] = np.fromiter(chain.from_iterable(rows), np.int64, int(lengths.sum()))
+    return ids, mask
 
 
 def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Any]:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kdpipe.batching import pad_ids
 from kdpipe.errors import KdpipeError
 from kdpipe.ort import ort_session
 from kdpipe.word_cache import WordCache
@@ -199,11 +199,8 @@ class Predictor:
                 for name, dtype in self.inputs.items()}
 
     def _feed_ids(self, rows: list[list[int]], longest: int) -> dict[str, np.ndarray]:
-        """Id lists padded on the right to ``longest``: ids and mask in one pass each."""
-        lengths = np.fromiter(map(len, rows), np.int64, len(rows))
-        mask = np.arange(longest) < lengths[:, None]
-        ids = np.full((len(rows), longest), self._padding["pad_id"], np.int64)
-        ids[mask] = np.fromiter(chain.from_iterable(rows), np.int64, int(lengths.sum()))
+        """Id lists padded on the right to ``longest``, as session inputs."""
+        ids, mask = pad_ids(rows, self._padding["pad_id"], longest)
         feed = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
         return {name: feed[name].astype(dtype or np.int64, copy=False)
                 for name, dtype in self.inputs.items()}

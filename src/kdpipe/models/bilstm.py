@@ -60,8 +60,7 @@ def final_states(lstm: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
     export's ``OnnxLSTM``) get the packed rows.
     """
     if type(lstm) is not nn.LSTM or lstm.proj_size or not lstm.batch_first:
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        return lstm(packed)[1][0]
+        return packed_final_states(lstm, x, lengths)
     steps = torch.arange(x.shape[1], device=x.device)
     # Each row's real steps reversed in place, padding left where it is: its own inverse.
     flip = torch.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)
@@ -82,6 +81,12 @@ def final_states(lstm: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
             outputs.append(_flip_rows(out, flip) if direction else out)
         x = torch.cat(outputs, dim=2)
     return torch.stack(finals)
+
+
+def packed_final_states(lstm: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
+    """``final_states`` the way torch documents it: through a PackedSequence."""
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    return lstm(packed)[1][0]
 
 
 def _flip_rows(x: Tensor, flip: Tensor) -> Tensor:

@@ -55,7 +55,8 @@ REQUIREMENTS = ("onnxruntime", "transformers", "tokenizers", "numpy", "pandas")
 # The kdpipe modules loading imports, relative to the package; a test loads the model in a
 # fresh process with PyTorch blocked and kdpipe taken from this copy.
 SERVING_MODULES = ("__init__.py", "telemetry.py", "errors.py", "ort.py", "serve.py",
-                   "word_cache.py", "registry/__init__.py", "registry/pyfunc.py")
+                   "batching.py", "word_cache.py", "registry/__init__.py",
+                   "registry/pyfunc.py")
 # A torch_dynamic folder (an int8 PyTorch student, kdpipe.torch_int8) is served by PyTorch:
 # its model also needs these modules and packages (a test loads one in a fresh process).
 TORCH_SERVING_MODULES = ("atomic.py", "config.py", "threads.py", "onnx_utils.py",

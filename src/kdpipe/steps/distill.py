@@ -18,7 +18,6 @@ best on validation is saved.
 from __future__ import annotations
 
 import copy
-import itertools
 import shutil
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from kdpipe import distill_checkpoint, losses, trained_rows
 from kdpipe.atomic import atomic_dir, write_json
-from kdpipe.batching import bucketed_batches
+from kdpipe.batching import bucketed_batches, pad_ids
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.metrics import accuracy_and_f1
@@ -303,12 +302,7 @@ def make_batch(data: TransferData, rows: np.ndarray, weights: np.ndarray) -> Bat
 
 def pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-pad token id lists to the longest: (input_ids, attention_mask), both (B, L)."""
-    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
-    mask = np.arange(lengths.max()) < lengths[:, None]
-    ids = np.full(mask.shape, pad_id, np.int64)
-    # A boolean mask assigns in row-major order: row by row, each row's ids left-aligned.
-    # One numpy call per batch; a tensor per row took 1.1 ms a batch of 64 (4% of distill).
-    ids[mask] = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
+    ids, mask = pad_ids(rows, pad_id)
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
