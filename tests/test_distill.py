@@ -220,4 +220,3 @@ def test_damaged_or_foreign_distill_checkpoint_is_not_used(pipeline_dir, tmp_pat
     distill.run(other, p.prepared, p.soft_labels, fractions, p.teacher, tmp_path / "o2",
                 checkpoint_dir=ckpt)
     assert json.loads((tmp_path / "o2" / "distill.json").read_text())["resumed_at_epoch"] is None
-

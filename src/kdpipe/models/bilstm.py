@@ -70,11 +70,12 @@ def final_states(lstm: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
     for layer in range(lstm.num_layers):
         if layer:
             x = F.dropout(x, lstm.dropout, lstm.training)
+        one_way = _one_way_lstm(x.shape[2], lstm.hidden_size, lstm.bias)
         outputs = []
         for direction in directions:
-            weights = {f"{name}_l0": getattr(lstm, f"{name}_l{layer}{direction}")
-                       for name in _weight_names(lstm.bias)}
-            one_way = _one_way_lstm(x.shape[2], lstm.hidden_size, lstm.bias)
+            # The template's names (weight_ih_l0, ...) with this layer's and direction's suffix.
+            weights = {name: getattr(lstm, f"{name.removesuffix('_l0')}_l{layer}{direction}")
+                       for name, _ in one_way.named_parameters()}
             rows = _flip_rows(x, flip) if direction else x
             out = functional_call(one_way, weights, (rows,), strict=True)[0]
             finals.append(out.gather(1, last_step)[:, 0])
@@ -91,11 +92,6 @@ def packed_final_states(lstm: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
 
 def _flip_rows(x: Tensor, flip: Tensor) -> Tensor:
     return x.gather(1, flip[:, :, None].expand(-1, -1, x.shape[2]))
-
-
-def _weight_names(bias: bool) -> tuple[str, ...]:
-    return ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if bias else ("weight_ih",
-                                                                           "weight_hh")
 
 
 @functools.lru_cache(maxsize=16)
