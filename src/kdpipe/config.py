@@ -50,7 +50,9 @@ class DataConfig(Section):
     source: str = Field(
         "demo",
         description="'demo' (the set shipped in the package), a CSV/TSV/JSONL/Parquet file, "
-        "a folder of split files, a saved Hugging Face dataset folder, or a hub dataset id.",
+        "a folder of split files, a saved Hugging Face dataset folder, a hub dataset id, or "
+        "an object-storage/web URI: s3://bucket/key or s3://bucket/prefix (credentials and "
+        "endpoint from AWS_* env vars), gs://... (needs kdpipe[gcs]), https://host/file.csv.",
     )
     repo: str | None = Field(
         None, description="A DVC repository (path or git URL) that holds `source`."

@@ -1,5 +1,6 @@
 """Resolve ``data.source`` into raw splits: the packaged demo, a file, a folder of split files,
-a saved or hub Hugging Face dataset, or any of these inside a DVC repository at a revision."""
+a saved or hub Hugging Face dataset, any of these inside a DVC repository at a revision, or a
+file or prefix in object storage / on the web (s3://, gs://, https://; see ``remote``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.config import DataConfig
+from kdpipe.data import remote
 from kdpipe.data.readers import FORMATS, RawSplit, read_file
 from kdpipe.errors import DataError
 
@@ -39,6 +41,8 @@ def load_source(cfg: DataConfig) -> Source:
     """Read every split that ``cfg.source`` provides, keyed train/validation/test."""
     if cfg.repo:
         return _load_from_dvc(cfg)
+    if remote.is_remote(cfg.source):
+        return remote.load_remote(cfg, _load_path)
     if cfg.source == DEMO:
         source = _load_path(demo_path(), cfg)
         source.provenance = {"kind": "demo", "path": "kdpipe/demo (packaged demo set)"}
