@@ -214,7 +214,7 @@ def train_baselines(project: Path, root: Path) -> dict:
     """The student on hard labels only (same architecture, data, epochs and fractions as
     the pipeline's), and TF-IDF + LR; their folders and training seconds."""
     from kdpipe.steps import distill
-    from kdpipe.steps.ingest import read_labels, read_split
+    from kdpipe.data.prepare import read_labels, read_split
 
     cfg = project_config(project)
     cfg = project_config(project, f"distill.hard_label_epochs={cfg.distill.epochs}")
@@ -254,7 +254,7 @@ def measure_systems(project: Path, root: Path, extra: dict, threads: int,
                     budget: float) -> dict[str, dict]:
     from kdpipe.evaluation.models import folder_bytes
     from kdpipe.serve import load_tokenizer
-    from kdpipe.steps.ingest import read_split
+    from kdpipe.data.prepare import read_split
     from kdpipe.threads import torch_threads
 
     paths = project_config(project).paths

@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="data name in the results file name "
                         "(default: a bench/run.py project's, <root>/<name>/full/work)")
     args = parser.parse_args()
-    from kdpipe.steps.ingest import read_split
+    from kdpipe.data.prepare import read_split
 
     prepared = Path(args.work) / "prepared"
     splits = {name: read_split(prepared / f"{name}.parquet") for name in ("validation", "test")

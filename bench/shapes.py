@@ -21,7 +21,7 @@ import run as bench
 from kdpipe.config import load_config
 from kdpipe.evaluation.models import folder_bytes, onnx_folder
 from kdpipe.steps import distill, export, fractionate, prune, quantize
-from kdpipe.steps.ingest import read_split
+from kdpipe.data.prepare import read_split
 from kdpipe.threads import torch_threads
 
 

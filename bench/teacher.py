@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdpipe.data.prepare import read_split
 from kdpipe.config import load_config
 from kdpipe.steps import ingest, soft_labels, teacher
 
@@ -34,7 +35,7 @@ def padded_vs_sorted(cfg, sample: int) -> dict:
 
     from kdpipe.batching import length_sorted_batches, token_counts
 
-    texts = ingest.read_split(cfg.paths.prepared / "train.parquet").texts
+    texts = read_split(cfg.paths.prepared / "train.parquet").texts
     rng = np.random.default_rng(0)
     texts = [texts[i] for i in rng.choice(len(texts), size=min(sample, len(texts)),
                                           replace=False)]

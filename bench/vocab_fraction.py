@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--fractions", default="0,0.46,0.5,0.55,0.58")
     parser.add_argument("--out", default=None, help="scratch folder (default: WORK/vocab)")
     args = parser.parse_args()
-    from kdpipe.steps.ingest import read_split
+    from kdpipe.data.prepare import read_split
 
     project = Path(args.work).resolve()
     out = Path(args.out) if args.out else project / "vocab"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import separable_rows, write_csv
+from kdpipe.data.prepare import read_split
 from kdpipe.config import validate
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import build_student, load_student
@@ -56,7 +57,7 @@ def _distill(cfg, fractions, out, log=None):
 
 
 def _accuracy(model, cfg):
-    tokenizer_out = ingest.read_split(cfg.paths.prepared / "validation.parquet")
+    tokenizer_out = read_split(cfg.paths.prepared / "validation.parquet")
     from kdpipe.models.teacher import load_tokenizer
 
     tok = load_tokenizer(str(cfg.paths.teacher))

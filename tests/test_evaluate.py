@@ -24,7 +24,7 @@ from kdpipe.evaluation.models import folder_bytes
 from kdpipe.models.students import count_parameters, load_student
 from kdpipe.serve import Predictor, load_tokenizer
 from kdpipe.steps import baseline, evaluate, export, quantize
-from kdpipe.steps.ingest import read_split
+from kdpipe.data.prepare import read_split
 
 MODELS = ["teacher", "teacher_int8", "student", "pruned", "quantized"]
 SMALL_STUDENT = {"arch": "textcnn", "embedding_dim": 16, "textcnn": {"num_filters": 8}}

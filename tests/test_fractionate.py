@@ -24,7 +24,7 @@ from kdpipe.steps.fractionate import (
     teacher_entropy,
     teacher_margin,
 )
-from kdpipe.steps.ingest import read_split
+from kdpipe.data.prepare import read_split
 
 E = math.e
 

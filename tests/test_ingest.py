@@ -7,7 +7,7 @@ import pytest
 from conftest import separable_rows, write_csv
 from kdpipe.errors import DataError
 from kdpipe.steps import ingest
-from kdpipe.steps.ingest import read_labels, read_split
+from kdpipe.data.prepare import read_labels, read_split
 
 
 def _ingest(cfg):

@@ -18,7 +18,8 @@ import yaml
 from kdpipe.config import Config, load_config, validate
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.kfp import adapter
-from kdpipe.kfp.pipeline import compile_pipeline, params_text
+from kdpipe.kfp.pipeline import compile_pipeline
+from kdpipe.pipeline import STEPS
 from kdpipe.kfp.submit import check_cluster_config, submit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,20 +40,32 @@ def spec(tmp_path_factory):
     from kfp.pipeline_spec import pipeline_spec_pb2
 
     out = compile_pipeline(tmp_path_factory.mktemp("kfp") / "kdpipe.yaml", Config())
-    doc = yaml.safe_load(out.read_text())
+    doc, platform = compiled(out)
     json_format.ParseDict(doc, pipeline_spec_pb2.PipelineSpec())  # unknown fields raise
+    json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
     return doc
 
 
-def tasks(spec):
-    """{task name: (task spec, its container)} over the root DAG and every sub-DAG."""
+def compiled(path):
+    """The compiled file's two documents: the pipeline spec and its platform spec (the
+    Kubernetes wiring)."""
+    docs = list(yaml.safe_load_all(Path(path).read_text()))
+    assert len(docs) == 2, "expected the pipeline spec and a platform spec"
+    return docs[0], docs[1]
+
+
+def tasks(spec, stubs=False):
+    """{task name: (task spec, its container)} over the root DAG and every sub-DAG; the
+    backend's own PVC tasks (image argostub/...) only with ``stubs``."""
     executors = spec["deploymentSpec"]["executors"]
     found = {}
     for component in [spec["root"], *spec["components"].values()]:
         for name, task in component.get("dag", {}).get("tasks", {}).items():
             label = spec["components"][task["componentRef"]["name"]].get("executorLabel")
             if label:
-                found[name] = (task, executors[label]["container"])
+                container = executors[label]["container"]
+                if stubs or not container["image"].startswith("argostub/"):
+                    found[name] = (task, container)
     return found
 
 
@@ -115,13 +128,69 @@ def test_the_teacher_is_measured_beside_the_soft_labels_and_feeds_evaluate(spec)
     assert given == {"producerTask": "baseline", "outputArtifactKey": "baseline"}
 
 
-def test_parameters_default_to_the_params_compiled_with(tmp_path):
+def test_parameters_default_to_each_steps_own_settings(tmp_path):
     cfg = validate({"seed": 7, "kfp": {"cpu_image": "r.example/kdpipe@sha256:ab"}}, "t")
-    doc = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml", cfg).read_text())
+    doc, _ = compiled(compile_pipeline(tmp_path / "p.yaml", cfg))
     inputs = doc["root"]["inputDefinitions"]["parameters"]
-    assert adapter.load_params(inputs["params"]["defaultValue"]) == cfg
+    assert set(inputs) == {f"settings_{s.name}" for s in STEPS} | {"cpu_image", "gpu_image"}
+    teacher = json.loads(inputs["settings_teacher"]["defaultValue"])
+    assert list(teacher) == ["seed", "tracking", "ingest", "teacher"]  # params.yaml's order
+    assert teacher["seed"] == 7 and teacher["ingest"] == {"max_length": 128}
+    assert adapter.load_settings(inputs["settings_teacher"]["defaultValue"], "teacher") \
+        .teacher == cfg.teacher
     assert inputs["cpu_image"]["defaultValue"] == "r.example/kdpipe@sha256:ab"
     assert inputs["gpu_image"]["defaultValue"] == cfg.kfp.gpu_image
+
+
+def task_inputs(doc):
+    """{task: its resolved parameter inputs}: a pipeline parameter's default, a constant,
+    or the name of the task output it takes (what KFP's cache key is made of, with the
+    input artifacts)."""
+    defaults = {name: p.get("defaultValue")
+                for name, p in doc["root"]["inputDefinitions"]["parameters"].items()}
+    resolved = {}
+    for component in [doc["root"], *doc["components"].values()]:
+        for name, task in component.get("dag", {}).get("tasks", {}).items():
+            values = {}
+            for key, given in task.get("inputs", {}).get("parameters", {}).items():
+                source = given.get("componentInputParameter", "")
+                source = source.removeprefix("pipelinechannel--")
+                values[key] = defaults.get(source, source) if source else json.dumps(given)
+            artifacts = task.get("inputs", {}).get("artifacts", {})
+            resolved[name] = (values, sorted(artifacts))
+    return resolved
+
+
+def test_a_distill_setting_changes_only_the_inputs_of_the_tasks_that_read_it(tmp_path):
+    """KFP's cache key of a task is its component, image and inputs: a distill-only change
+    must leave ingest, teacher, baseline and the soft-label tasks' inputs byte-identical, as
+    `dvc repro` leaves those stages alone; distill and prune (which fine-tunes with distill's
+    settings) change, and every later task follows through its changed input artifacts."""
+    before = task_inputs(compiled(compile_pipeline(tmp_path / "a.yaml", Config()))[0])
+    after = task_inputs(compiled(compile_pipeline(tmp_path / "b.yaml", load_config(
+        None, ["distill.temperature=3.0", "distill.lr=0.001"])))[0])
+    assert set(before) == set(after)
+    same = {name for name in before if before[name] == after[name]}
+    assert {"ingest", "teacher", "baseline", "plan-shards", "soft-label-shard",
+            "merge-soft-labels", "fractionate", "export", "quantize", "evaluate"} <= same
+    assert {"distill", "prune"}.isdisjoint(same)
+    # What follows distill takes its output: a new student means new inputs there.
+    assert "student" in after["prune"][1] and "pruned" in after["export"][1]
+
+
+def test_a_change_to_where_things_go_changes_no_step_settings(tmp_path):
+    before = json.loads(json.dumps(compile_inputs(tmp_path / "a.yaml", Config())))
+    after = compile_inputs(tmp_path / "b.yaml", load_config(None, [
+        "work_dir=/elsewhere", "kfp.cpu_image=r.example/k@sha256:cd", "kfp.retries.attempts=1"]))
+    changed = {name for name in before if before[name] != after[name]}
+    # Register (never cached) also reads work_dir: the default MLflow store lives there.
+    assert changed == {"cpu_image", "settings_register"}
+
+
+def compile_inputs(path, cfg):
+    doc, _ = compiled(compile_pipeline(path, cfg))
+    return {name: p.get("defaultValue")
+            for name, p in doc["root"]["inputDefinitions"]["parameters"].items()}
 
 
 def test_the_checked_in_pipeline_is_what_params_yaml_compiles_to(tmp_path):
@@ -133,11 +202,15 @@ def test_the_checked_in_pipeline_is_what_params_yaml_compiles_to(tmp_path):
 # ---------------------------------------------------------------- the adapter
 
 
-def test_params_round_trip_as_json_and_parse_as_yaml():
+def test_settings_round_trip_as_json_and_parse_as_yaml():
     cfg = validate({"seed": 3, "soft_labels": {"shards": 4}}, "t")
-    assert adapter.load_params(params_text(cfg)) == cfg
-    assert adapter.load_params("seed: 3\nsoft_labels:\n  shards: 4\n") == cfg
-    assert adapter.shard_indices(params_text(cfg)) == [0, 1, 2, 3]
+    text = adapter.settings_text(cfg, "soft_labels")
+    assert set(json.loads(text)) == {"seed", "tracking", "ingest", "soft_labels"}
+    loaded = adapter.load_settings(text, "soft_labels")
+    assert loaded.soft_labels == cfg.soft_labels and loaded.seed == 3
+    assert adapter.load_settings("seed: 3\nsoft_labels:\n  shards: 4\n", "x").soft_labels \
+        == cfg.soft_labels
+    assert adapter.shard_indices(text) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -145,10 +218,10 @@ def test_params_round_trip_as_json_and_parse_as_yaml():
     ("- a\n- b\n", "expected a mapping"),
     ('{"sead": 1}', "sead: unknown key"),
 ])
-def test_bad_params_are_one_line_config_errors(text, message):
+def test_bad_settings_are_one_line_config_errors(text, message):
     with pytest.raises(ConfigError, match=message) as info:
-        adapter.load_params(text)
-    assert "\n" not in str(info.value)
+        adapter.load_settings(text, "teacher")
+    assert "\n" not in str(info.value) and "task 'teacher'" in str(info.value)
 
 
 def test_a_step_error_ends_the_task_with_one_recorded_line(tmp_path, monkeypatch, capsys):
@@ -159,8 +232,8 @@ def test_a_step_error_ends_the_task_with_one_recorded_line(tmp_path, monkeypatch
         raise KdpipeError("data.csv: no such file")
 
     with pytest.raises(SystemExit) as info:
-        adapter.run_step("ingest", params_text(validate({"tracking": {"enabled": False}})),
-                         broken)
+        adapter.run_tracked("ingest", adapter.settings_text(
+            validate({"tracking": {"enabled": False}}), "ingest"), broken)
     assert info.value.code == 1
     assert errors.read_text() == "ingest: data.csv: no such file\n"
     assert capsys.readouterr().err == "error: ingest: data.csv: no such file\n"
@@ -258,12 +331,14 @@ def test_submit_creates_a_run_with_the_params_images_and_caching(fake_kfp):
     assert body["display_name"] == "try-1"
     assert body["experiment_id"] == "exp-1"
     parameters = body["runtime_config"]["parameters"]
-    sent = adapter.load_params(parameters["params"])
-    assert sent.seed == 5 and sent.kfp.enable_caching is False  # the run's switch, recorded
+    sent = adapter.load_settings(parameters["settings_distill"], "distill")
+    assert sent.seed == 5
     assert parameters["gpu_image"] == "r.example/g:1"
     assert parameters["cpu_image"] == cfg.kfp.cpu_image
-    spec = body["pipeline_spec"]
+    # With a platform spec, kfp.Client sends both documents, the Kubernetes wiring too.
+    spec, platform = body["pipeline_spec"]["pipeline_spec"], body["pipeline_spec"]["platform_spec"]
     assert spec["pipelineInfo"]["name"] == "kdpipe"
+    assert "exec-teacher" in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert not any(t[0].get("cachingOptions", {}).get("enableCache") for t in tasks(spec).values())
 
 
@@ -398,3 +473,198 @@ def test_a_failing_step_ends_the_local_run_with_its_one_line(tmp_path, tiny_bert
     assert "\n" not in message
     assert not list(Path(cfg.work_dir).glob(".kfp-local-*"))
     assert kfp_leftovers() == set()
+
+
+# ---------------------------------------------------------------- the cluster wiring
+
+
+def executors(platform):
+    return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def label(doc, task):
+    """The executor label of ``task`` (a root- or sub-DAG task)."""
+    for component in [doc["root"], *doc["components"].values()]:
+        found = component.get("dag", {}).get("tasks", {}).get(task)
+        if found:
+            return doc["components"][found["componentRef"]["name"]]["executorLabel"]
+    raise KeyError(task)
+
+
+@pytest.fixture(scope="module")
+def wired(tmp_path_factory):
+    """The DAG compiled with every cluster setting given."""
+    cfg = validate({**CLUSTER_TRACKING, "kfp": {
+        "secrets": {"mlflow": "mlflow-creds", "storage": "s3-creds"},
+        "node_selector": {"pool": "ml"}, "gpu_node_selector": {"gpu": "t4"},
+        "tolerations": [{"key": "dedicated", "value": "ml", "effect": "NoSchedule"}],
+        "image_pull_secrets": ["regcred"], "shm_size": "4Gi",
+        "retries": {"attempts": 2, "backoff": "2m", "max_backoff": "1h"},
+        "timeouts": {"teacher": 7200}}})
+    return compiled(compile_pipeline(tmp_path_factory.mktemp("w") / "k.yaml", cfg))
+
+
+def test_secrets_reach_every_task_as_optional_env_vars_by_name_only(wired):
+    from kdpipe.kfp.cluster import MLFLOW_KEYS, STORAGE_KEYS
+
+    doc, platform = wired
+    for task in COMPONENTS:
+        given = {s["secretName"]: s for s in executors(platform)[label(doc, task)]["secretAsEnv"]}
+        assert set(given) == {"mlflow-creds", "s3-creds"}, task
+        for name, keys in (("mlflow-creds", MLFLOW_KEYS), ("s3-creds", STORAGE_KEYS)):
+            assert given[name]["optional"] is True
+            assert {(k["secretKey"], k["envVar"]) for k in given[name]["keyToEnv"]} == {
+                (key, key) for key in keys}
+    # Names only: no value of a credential is anywhere in the file.
+    assert "AKIA" not in json.dumps(platform)
+
+
+def test_scheduling_pull_secrets_timeouts_and_shm_follow_the_settings(wired):
+    doc, platform = wired
+    for task in COMPONENTS:
+        spec = executors(platform)[label(doc, task)]
+        gpu = task in GPU_TASKS
+        assert spec["nodeSelector"]["labels"] == ({"pool": "ml", "gpu": "t4"} if gpu
+                                                  else {"pool": "ml"}), task
+        keys = {t.get("key") for t in spec["tolerations"]}
+        assert keys == ({"dedicated", "nvidia.com/gpu"} if gpu else {"dedicated"}), task
+        assert [s["secretName"] for s in spec["imagePullSecret"]] == ["regcred"]
+        shm = [m for m in spec.get("emptyDirMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert shm == ([{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
+                         "sizeLimit": "4Gi"}] if gpu else []), task
+    timeouts = {task: int(executors(platform)[label(doc, task)]["activeDeadlineSeconds"])
+                for task in ("teacher", "distill", "gate")}
+    assert timeouts == {"teacher": 7200, "distill": 43200, "gate": 1800}
+
+
+def test_the_long_tasks_are_retried_with_backoff(wired):
+    doc, _ = wired
+    retried = {name: task["retryPolicy"] for name, (task, _) in tasks(doc).items()
+               if "retryPolicy" in task}
+    assert set(retried) == {"teacher", "soft-label-shard", "distill"}
+    assert all(policy == {"maxRetryCount": 2, "backoffDuration": "120s", "backoffFactor": 2.0,
+                          "backoffMaxDuration": "3600s"} for policy in retried.values())
+
+
+def test_a_checkpoint_volume_is_made_per_run_mounted_where_the_steps_resume_and_deleted(wired):
+    doc, platform = wired
+    stubs = tasks(doc, stubs=True)
+    assert {"createpvc", "deletepvc"} <= set(stubs)
+    assert stubs["createpvc"][0]["inputs"]["parameters"]["size"]["runtimeValue"] == {
+        "constant": "20Gi"}
+    assert sorted(stubs["deletepvc"][0]["dependentTasks"]) == ["createpvc", "distill"]
+    for task in ("teacher", "distill"):
+        (mount,) = executors(platform)[label(doc, task)]["pvcMount"]
+        assert mount["mountPath"] == "/kdpipe/checkpoints"
+        assert mount["taskOutputParameter"]["producerTask"] == "createpvc"
+        given = stubs[task][0]["inputs"]["parameters"]["checkpoint_root"]
+        assert given["runtimeValue"]["constant"] == "/kdpipe/checkpoints"
+    mounted = {t for t in COMPONENTS if "pvcMount" in executors(platform).get(label(doc, t), {})}
+    assert mounted == {"teacher", "distill"}
+
+
+def test_an_existing_claim_is_mounted_and_left_alone(tmp_path):
+    cfg = validate({**CLUSTER_TRACKING, "kfp": {"checkpoints": {"claim": "kdpipe-state"}}})
+    doc, platform = compiled(compile_pipeline(tmp_path / "c.yaml", cfg))
+    assert not {"createpvc", "deletepvc"} & set(tasks(doc, stubs=True))
+    (mount,) = executors(platform)[label(doc, "distill")]["pvcMount"]
+    assert mount["constant"] == "kdpipe-state"
+    off = validate({**CLUSTER_TRACKING, "kfp": {"checkpoints": {"enabled": False}}})
+    doc, platform = compiled(compile_pipeline(tmp_path / "o.yaml", off))
+    assert "pvcMount" not in executors(platform)[label(doc, "distill")]
+    assert tasks(doc)["distill"][0]["inputs"]["parameters"]["checkpoint_root"][
+        "runtimeValue"]["constant"] == ""
+
+
+def test_a_retried_task_resumes_from_the_volume_and_other_runs_get_their_own(tmp_path):
+    """What a retry sees: the same settings and input URIs give the same folder under the
+    volume; another run's inputs (other URIs) give another folder."""
+    from kdpipe.kfp.adapter import _checkpoints
+
+    uris = ["s3://root/run-1/teacher/teacher"]
+    with _checkpoints(True, str(tmp_path), "distill", "{}", uris) as first:
+        first.mkdir(parents=True)
+        (first / "state.json").write_text("{}")
+    with _checkpoints(True, str(tmp_path), "distill", "{}", uris) as retried:
+        assert retried == first and (retried / "state.json").is_file()
+    with _checkpoints(True, str(tmp_path), "distill", "{}", ["s3://root/run-2/t"]) as other:
+        assert other != first and other.parent == tmp_path
+    with _checkpoints(True, "", "distill", "{}", uris) as scratch:
+        assert tmp_path not in scratch.parents
+    with _checkpoints(False, str(tmp_path), "prune", "{}", uris) as none:
+        assert none is None
+
+
+def test_local_paths_are_refused_for_a_cluster_run(tmp_path):
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("text,label\na,b\n")
+    with pytest.raises(KdpipeError, match="data.source: .* is a path on this machine"):
+        check_cluster_config(validate({**CLUSTER_TRACKING, "data": {"source": str(csv)}}))
+    with pytest.raises(KdpipeError, match="teacher.checkpoint: .* give a hub id"):
+        check_cluster_config(validate({**CLUSTER_TRACKING,
+                                       "teacher": {"checkpoint": str(tmp_path)}}))
+    check_cluster_config(validate({**CLUSTER_TRACKING,
+                                   "data": {"source": "s3://bucket/reviews.csv"}}))
+    # The MLflow Secret brings the tracking URI: no -S tracking.uri needed then.
+    check_cluster_config(validate({"kfp": {"secrets": {"mlflow": "mlflow-creds"}}}))
+
+
+# ---------------------------------------------------------------- components/, for reuse
+
+
+def test_the_checked_in_components_are_what_params_yaml_compiles_to(tmp_path):
+    from kdpipe.kfp.catalog import NAMES, write_components
+
+    write_components(load_config(REPO / "params.yaml"), tmp_path / "components")
+    fresh = {p.relative_to(tmp_path / "components").as_posix(): p.read_text()
+             for p in (tmp_path / "components").rglob("*") if p.is_file()}
+    ours = {p.relative_to(REPO / "components").as_posix(): p.read_text()
+            for p in (REPO / "components").rglob("*") if p.is_file()}
+    assert set(fresh) == {"README.md"} | {f"{n}/{f}" for n in NAMES
+                                          for f in ("component.yaml", "README.md")}
+    stale = sorted(name for name in fresh if ours.get(name) != fresh[name])
+    assert not stale, f"components/ is stale ({stale}): run `kdpipe compile` and commit it"
+
+
+def test_a_component_readme_documents_every_input_and_output():
+    from kdpipe.kfp.catalog import NAMES
+
+    for name in NAMES:
+        text = (REPO / "components" / name / "README.md").read_text()
+        spec = yaml.safe_load((REPO / "components" / name / "component.yaml").read_text())
+        component = next(iter(spec["components"].values()))
+        for side in ("inputDefinitions", "outputDefinitions"):
+            for kind in ("parameters", "artifacts"):
+                for arg in component.get(side, {}).get(kind, {}):
+                    row = next(line for line in text.splitlines() if line.startswith(f"| `{arg}`"))
+                    assert not row.rstrip().endswith("|  |"), f"{name}: {arg} undocumented"
+        assert "requests" in text and "load_component_from_file" in text
+
+
+@pytest.mark.slow
+def test_a_user_pipeline_reuses_the_ingest_component_from_its_file(tmp_path, tiny_bert,
+                                                                    kfp_leftovers):
+    """As a user would: load components/ingest/component.yaml into a pipeline of one's own
+    and run it (kfp.local, in a subprocess with this Python)."""
+    from kfp import components, dsl, local
+
+    from kdpipe.kfp.adapter import settings_text
+    from kdpipe.kfp.pipeline import quiet_kfp
+
+    ingest = components.load_component_from_file(str(REPO / "components" / "ingest" /
+                                                     "component.yaml"))
+    cfg = validate(tiny_settings(tmp_path, tiny_bert, "demo", tracking={"enabled": False}))
+
+    @dsl.pipeline(name="mine")
+    def mine(settings: str) -> dsl.Dataset:
+        return ingest(settings=settings).outputs["prepared"]
+
+    with quiet_kfp():
+        local.init(runner=local.SubprocessRunner(use_venv=False),
+                   pipeline_root=str(tmp_path / "root"),
+                   workspace_root=str(tmp_path / "workspace"), raise_on_error=True)
+        task = mine(settings=settings_text(cfg, "ingest"))
+    prepared = Path(task.output.path)
+    assert {"train.parquet", "labels.json", "data_card.json"} <= {
+        p.name for p in prepared.iterdir()}
+    assert json.loads((prepared / "labels.json").read_text())["names"]

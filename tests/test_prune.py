@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import separable_rows, write_csv
 
+from kdpipe.data.prepare import read_split
 from kdpipe import pruning
 from kdpipe.config import StudentConfig, validate
 from kdpipe.errors import KdpipeError
@@ -364,7 +365,7 @@ def _run(raw, tmp_path, arch, tiny_bert, tokenizer, **settings):
 
 
 def _validation(cfg, tokenizer):
-    split = ingest.read_split(cfg.paths.prepared / "validation.parquet")
+    split = read_split(cfg.paths.prepared / "validation.parquet")
     return split.texts, np.array(split.labels)
 
 
@@ -377,7 +378,7 @@ def test_step_writes_a_folder_that_reloads_to_the_same_pruned_model(pipeline, tm
     loaded = pruning.load_pruned(tmp_path / "pruned")
 
     # The same pruning done here by hand gives the same model.
-    train = ingest.read_split(cfg.paths.prepared / "train.parquet").texts
+    train = read_split(cfg.paths.prepared / "train.parquet").texts
     kept = kept_for(tokenizer, train)
     expected = pruning.PrunedStudent(load_student(student_dir))
     pruning.prune_vocabulary(expected, kept, tokenizer.unk_token_id, own_rank=4)
@@ -430,7 +431,7 @@ def test_step_fine_tune_keeps_pruned_weights_at_zero(pipeline, tmp_path, tiny_be
     loaded = pruning.load_pruned(tmp_path / "pruned")
     assert pruning.weight_sparsity(loaded) >= 0.5 - 0.01
     expected = pruning.PrunedStudent(load_student(student_dir))
-    train = ingest.read_split(cfg.paths.prepared / "train.parquet").texts
+    train = read_split(cfg.paths.prepared / "train.parquet").texts
     pruning.prune_vocabulary(expected, kept_for(tokenizer, train), tokenizer.unk_token_id,
                              own_rank=2)
     got, want = (pruning.ARCHS["textcnn"].embedding(m.student) for m in (loaded, expected))
@@ -467,7 +468,7 @@ def test_step_tops_the_vocabulary_up_with_exact_rows(pipeline, tmp_path, tiny_be
     # The fixture's train texts lack "lovely" and "nasty"; one more row than they fill keeps
     # "lovely" (the lower id) exactly, while "nasty" still reads a low-rank row.
     cfg = validate(pipeline, "test")
-    train = ingest.read_split(cfg.paths.prepared / "train.parquet").texts
+    train = read_split(cfg.paths.prepared / "train.parquet").texts
     seen = kept_for(tokenizer, train)
     lovely, nasty = tokenizer.convert_tokens_to_ids(["lovely", "nasty"])
     assert lovely < nasty and not {lovely, nasty} & set(seen)

@@ -11,7 +11,7 @@ from conftest import separable_rows, write_csv
 from kdpipe import softcache
 from kdpipe.augment import make_variants
 from kdpipe.steps import ingest, soft_labels
-from kdpipe.steps.ingest import read_split
+from kdpipe.data.prepare import read_split
 
 SPLITS = ("train", "validation", "test")
 

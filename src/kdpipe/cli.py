@@ -211,14 +211,23 @@ def _run_kfp_local(cfg: Config) -> None:
 def compile_(
     output: Annotated[Path, typer.Option("--output", "-o", help="IR YAML to write.")] = Path(
         "pipelines/kdpipe.yaml"),
+    components: Annotated[Path | None, typer.Option(
+        help="Folder for each component compiled on its own, with a README (reuse one step "
+        "in your own pipeline).")] = Path("components"),
     params: ParamsOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Compile the Kubeflow pipeline (IR YAML) with params.yaml's values as its defaults."""
+    """Compile the Kubeflow pipeline (IR YAML, with the cluster wiring of kfp.*) and each
+    component, with params.yaml's values as their defaults."""
+    from kdpipe.kfp.catalog import write_components
     from kdpipe.kfp.pipeline import compile_pipeline
 
-    path = compile_pipeline(output, load_config(params, set_))
+    cfg = load_config(params, set_)
+    path = compile_pipeline(output, cfg)
     out.print(f"wrote {path}", highlight=False)
+    if components is not None:
+        written = write_components(cfg, components)
+        out.print(f"wrote {len(written)} components to {components}/", highlight=False)
 
 
 @app.command()

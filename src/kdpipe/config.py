@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from kdpipe.errors import ConfigError
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
+# Settings that say where a run happens and is recorded, not what it computes.
+WHERE_SETTINGS = {"work_dir", "tracking", "kfp"}
 
 
 class Section(BaseModel):
@@ -389,6 +392,69 @@ class RegistryConfig(Section):
     gate: GateConfig = GateConfig()
 
 
+class KfpSecretsConfig(Section):
+    """Kubernetes Secrets whose keys become the tasks' environment variables: names only,
+    never values. Each listed key is optional: a Secret holds the keys it needs."""
+
+    mlflow: str | None = Field(
+        None, description="Secret with MLFLOW_TRACKING_URI and, as the server needs, "
+        "MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, "
+        "MLFLOW_S3_ENDPOINT_URL: given to every task (null: none)."
+    )
+    storage: str | None = Field(
+        None, description="Secret with object-storage credentials: AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL "
+        "(S3 or MinIO): given to every task (null: none, e.g. the pods' own IAM role)."
+    )
+
+
+class CheckpointVolumeConfig(Section):
+    """Where the teacher and distill tasks keep resumable state on a cluster, so a task
+    retried after losing its pod resumes from its last checkpoint."""
+
+    enabled: bool = True
+    claim: str | None = Field(
+        None, description="An existing PersistentVolumeClaim to use; null: one is created "
+        "per run (kfp-kubernetes CreatePVC) and deleted once distill has finished."
+    )
+    size: str = Field("20Gi", min_length=1, description="Size of a claim created per run.")
+    storage_class: str | None = Field(
+        None, description="StorageClass of a claim created per run (null: the cluster's "
+        "default)."
+    )
+    access_mode: Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"] = Field(
+        "ReadWriteOnce", description="Teacher and distill never run at once, so one node "
+        "at a time suffices."
+    )
+    mount_path: str = Field("/kdpipe/checkpoints", pattern=r"^/", description="Where tasks "
+                            "see it.")
+
+
+class RetryConfig(Section):
+    """``set_retry`` on the long tasks (teacher, soft-label shards, distill): a pod lost to a
+    preempted node or an OOM kill is retried with exponential backoff."""
+
+    attempts: int = Field(3, ge=0, description="Retries after the first try (0: none).")
+    backoff: str = Field("60s", pattern=r"^\d+(s|m|h)$", description="First wait.")
+    backoff_factor: float = Field(2.0, ge=1)
+    max_backoff: str = Field("1h", pattern=r"^\d+(s|m|h)$")
+
+
+class Toleration(Section):
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+# Per-task time limits (activeDeadlineSeconds): generous for the default MiniLM teacher on
+# one GPU; a task past its limit fails rather than holding a node forever.
+DEFAULT_TIMEOUTS = {"ingest": 3600, "teacher": 43200, "baseline": 7200, "plan_shards": 600,
+                    "soft_label_shard": 21600, "merge_soft_labels": 3600, "fractionate": 3600,
+                    "distill": 43200, "prune": 7200, "export": 7200, "quantize": 7200,
+                    "evaluate": 7200, "gate": 1800, "register": 3600}
+
+
 class KfpConfig(Section):
     """Kubeflow Pipelines: images and run options for `kdpipe submit` / `kdpipe compile`."""
 
@@ -410,6 +476,40 @@ class KfpConfig(Section):
         None, description="Where the run's artifacts go (e.g. s3://bucket/kdpipe); null: "
         "the cluster's default."
     )
+    secrets: KfpSecretsConfig = KfpSecretsConfig()
+    checkpoints: CheckpointVolumeConfig = CheckpointVolumeConfig()
+    retries: RetryConfig = RetryConfig()
+    shm_size: str | None = Field(
+        "2Gi", description="Memory-backed /dev/shm on GPU tasks (PyTorch's DataLoader and "
+        "NCCL need more than a container's 64 MB); null: the container's default."
+    )
+    node_selector: dict[str, str] = Field({}, description="Node labels every task needs.")
+    gpu_node_selector: dict[str, str] = Field(
+        {}, description="Node labels the GPU tasks also need, e.g. "
+        "{cloud.google.com/gke-accelerator: nvidia-tesla-t4}."
+    )
+    tolerations: list[Toleration] = Field([], description="Tolerations of every task.")
+    gpu_tolerations: list[Toleration] = Field(
+        [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
+        description="Tolerations the GPU tasks also get (GPU nodes are usually tainted).",
+    )
+    image_pull_secrets: list[str] = Field(
+        [], description="Secrets to pull the images with (a private registry)."
+    )
+    timeouts: dict[str, int] = Field(
+        DEFAULT_TIMEOUTS, description="Seconds each task may run (activeDeadlineSeconds; "
+        "0: no limit); a task left out keeps its default."
+    )
+
+    @field_validator("timeouts")
+    @classmethod
+    def _known_tasks(cls, given: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(given) - set(DEFAULT_TIMEOUTS))
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r} (tasks: {', '.join(DEFAULT_TIMEOUTS)})")
+        if any(seconds < 0 for seconds in given.values()):
+            raise ValueError("seconds must be 0 (no limit) or more")
+        return {**DEFAULT_TIMEOUTS, **given}
 
 
 class Config(Section):
@@ -442,8 +542,10 @@ class Config(Section):
         return Layout(self.work_dir)
 
     def params_hash(self) -> str:
-        """A short, stable hash of every setting, to tag what a model was made with."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short, stable hash of every setting that shapes a model, to tag what a model was
+        made with: all but where things go (``work_dir``, ``tracking``, ``kfp``), so that a
+        run on a cluster and the same run here carry the same hash."""
+        blob = json.dumps(self.model_dump(mode="json", exclude=WHERE_SETTINGS), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -462,14 +564,19 @@ class Layout:
         return self.root / "teacher"
 
     @property
+    def checkpoints(self) -> Path:
+        """Resumable training state, ``<step>/`` per resumable step (teacher: its latest
+        state; distill: its state after the last finished epoch); outside the steps' output
+        folders, which are replaced whole."""
+        return self.root / "checkpoints"
+
+    @property
     def teacher_checkpoints(self) -> Path:
-        """Resumable training state; outside the teacher folder, which is replaced whole."""
-        return self.root / "checkpoints" / "teacher"
+        return self.checkpoints / "teacher"
 
     @property
     def distill_checkpoints(self) -> Path:
-        """Distillation's state after its last finished epoch, to resume from."""
-        return self.root / "checkpoints" / "distill"
+        return self.checkpoints / "distill"
 
     @property
     def soft_labels(self) -> Path:

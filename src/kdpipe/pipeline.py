@@ -1,140 +1,132 @@
-"""The steps in order, wired to their paths under work_dir, for ``kdpipe run`` and the CLI.
+"""The steps, each declared once: what it reads, what it writes, which settings it uses.
 
-dvc.yaml declares the same stages and paths (a test checks they agree); the KFP DAG maps
-them onto artifacts. Each step gets a ``log_metric(name, value, step)`` callable from the
-adapter (MLflow when tracking is on) for curves such as the training loss.
+``STEPS`` is the one table of the pipeline. For each step it says
+
+- ``inputs``: the folders it reads, as ``run()`` keyword -> ``Layout`` folder name;
+- ``output``: the ``Layout`` folder it writes (its ``out_dir``);
+- ``settings``: the params.yaml keys it reads (a section, or ``section.key``);
+- ``resumable``: whether it keeps training state in a checkpoint folder between attempts.
+
+The adapters follow it: ``kdpipe run`` and the CLI call ``Step.call`` (paths under
+work_dir); the Kubeflow components call ``Step.run`` on artifact paths and each task
+receives ``subset(cfg, step.settings)`` only, so KFP's cache re-runs what ``dvc repro`` would;
+dvc.yaml's stages are tested against it (``deps`` = input files + the code the step imports,
+``params`` = settings, ``outs`` = output). Every call goes through ``step_settings.view``, so
+a step that reads a setting it did not declare fails at once instead of reading a default
+inside a KFP task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from kdpipe.config import Config
+from kdpipe.step_settings import view
 from kdpipe.steps import StepResult
 
 LogMetric = Callable[[str, float, int], None]
+
+# What register tags the model with (Config.params_hash) covers every setting that shapes the
+# model, so register reads them all; tracking, kfp and work_dir say where, not what.
+MODEL_SETTINGS = ("seed", "data", "ingest", "teacher", "soft_labels", "fractionate", "student",
+                  "distill", "prune", "export", "quantize", "evaluate", "registry")
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
     help: str
-    call: Callable[[Config, LogMetric | None], StepResult]
+    inputs: Mapping[str, str]
+    output: str
+    settings: tuple[str, ...]
+    resumable: bool = False
+    # The function in kdpipe.steps.<name> that takes these folders.
+    entry: str = "run"
 
     @property
     def command(self) -> str:
         """The CLI subcommand (and DVC stage cmd) name: soft_labels -> soft-labels."""
         return self.name.replace("_", "-")
 
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """The Layout folders it reads, once each, in declaration order."""
+        return tuple(dict.fromkeys(self.inputs.values()))
 
-def _ingest(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import ingest
+    def function(self) -> Callable[..., StepResult]:
+        return getattr(importlib.import_module(f"kdpipe.steps.{self.name}"), self.entry)
 
-    return ingest.run(cfg, cfg.paths.prepared)
+    def run(self, cfg: Config, folders: Mapping[str, Path], out_dir: Path, *,
+            log_metric: LogMetric | None = None,
+            checkpoint_dir: Path | None = None) -> StepResult:
+        """Call the step on ``folders`` (Layout name -> path) with only its settings."""
+        function = self.function()
+        kwargs: dict[str, object] = {param: Path(folders[folder])
+                                     for param, folder in self.inputs.items()}
+        if self.resumable:
+            kwargs["checkpoint_dir"] = checkpoint_dir
+        # Only the training and measuring steps log curves; the others take no such argument.
+        if "log_metric" in inspect.signature(function).parameters:
+            kwargs["log_metric"] = log_metric
+        return function(view(cfg, self.settings, self.name), out_dir=Path(out_dir), **kwargs)
 
-
-def _teacher(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import teacher
-
-    paths = cfg.paths
-    return teacher.run(cfg, paths.prepared, paths.teacher, paths.teacher_checkpoints,
-                       log_metric=log_metric)
-
-
-def _soft_labels(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import soft_labels
-
-    paths = cfg.paths
-    return soft_labels.run(cfg, paths.teacher, paths.prepared, paths.soft_labels)
-
-
-def _fractionate(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import fractionate
-
-    paths = cfg.paths
-    return fractionate.run(cfg, paths.soft_labels, paths.prepared, paths.fractions)
-
-
-def _distill(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import distill
-
-    paths = cfg.paths
-    return distill.run(cfg, paths.prepared, paths.soft_labels, paths.fractions, paths.teacher,
-                       paths.student, log_metric=log_metric,
-                       checkpoint_dir=paths.distill_checkpoints)
-
-
-def _prune(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import prune
-
-    paths = cfg.paths
-    return prune.run(cfg, paths.student, paths.prepared, paths.soft_labels, paths.pruned)
-
-
-def _export(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import export
-
-    paths = cfg.paths
-    return export.run(cfg, paths.pruned, paths.prepared, paths.exported)
-
-
-def _quantize(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import quantize
-
-    paths = cfg.paths
-    return quantize.run(cfg, paths.exported, paths.prepared, paths.quantized, paths.pruned)
-
-
-def _baseline(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import baseline
-
-    paths = cfg.paths
-    return baseline.run(cfg, paths.prepared, paths.teacher, paths.baseline,
-                        log_metric=log_metric)
-
-
-def _evaluate(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import evaluate
-
-    paths = cfg.paths
-    return evaluate.run(cfg, paths.prepared, paths.teacher, paths.baseline, paths.student,
-                        paths.pruned, paths.quantized, paths.evaluation,
-                        log_metric=log_metric)
-
-
-def _register(cfg: Config, log_metric: LogMetric | None) -> StepResult:
-    from kdpipe.steps import register
-
-    paths = cfg.paths
-    return register.run(cfg, register.candidate_folder(cfg), paths.evaluation, paths.prepared,
-                        paths.registration)
+    def call(self, cfg: Config, log_metric: LogMetric | None) -> StepResult:
+        """``run`` on the folders under ``cfg.work_dir`` (``kdpipe run``, the CLI, DVC)."""
+        paths = cfg.paths
+        return self.run(cfg, {name: getattr(paths, name) for name in self.folders},
+                        getattr(paths, self.output), log_metric=log_metric,
+                        checkpoint_dir=paths.checkpoints / self.name if self.resumable else None)
 
 
 STEPS: tuple[Step, ...] = (
     Step("ingest", "Read, check and split the data; write Parquet splits and a data card.",
-         _ingest),
+         inputs={}, output="prepared",
+         # teacher.checkpoint: the data card's token lengths use the teacher's tokenizer.
+         settings=("seed", "data", "ingest", "teacher.checkpoint")),
     Step("teacher", "Fine-tune the teacher on the prepared data (resumes if interrupted).",
-         _teacher),
+         inputs={"prepared_dir": "prepared"}, output="teacher",
+         settings=("seed", "ingest.max_length", "teacher"), resumable=True),
     Step("baseline", "Score and time the teacher and its int8 ONNX copy: the yardstick.",
-         _baseline),
+         inputs={"prepared_dir": "prepared", "teacher_dir": "teacher"}, output="baseline",
+         settings=("ingest.max_length", "export", "quantize", "evaluate")),
     Step("soft_labels", "Cache the teacher's logits and [CLS] features for every split.",
-         _soft_labels),
+         inputs={"teacher_dir": "teacher", "prepared_dir": "prepared"}, output="soft_labels",
+         settings=("seed", "ingest.max_length", "soft_labels")),
     Step("fractionate", "Select and weight the transfer set (uncertainty, balance, schedule).",
-         _fractionate),
+         inputs={"soft_labels_dir": "soft_labels", "prepared_dir": "prepared"},
+         output="fractions", settings=("seed", "fractionate")),
     Step("distill", "Train the student from the teacher's soft labels; keep the best.",
-         _distill),
+         inputs={"prepared_dir": "prepared", "soft_labels_dir": "soft_labels",
+                 "fractions_dir": "fractions", "teacher_dir": "teacher"},
+         output="student", settings=("seed", "ingest.max_length", "fractionate.include_augmented",
+                                     "student", "distill"), resumable=True),
     Step("prune", "Shrink the student: vocabulary, channels/heads, magnitude; report.",
-         _prune),
+         inputs={"student_dir": "student", "prepared_dir": "prepared",
+                 "soft_labels_dir": "soft_labels"},
+         # distill: the optional fine-tune after pruning reuses the distillation settings.
+         output="pruned", settings=("seed", "ingest.max_length", "prune", "distill")),
     Step("export", "Export the pruned student to ONNX with its tokenizer; check parity.",
-         _export),
+         inputs={"model_dir": "pruned", "prepared_dir": "prepared"}, output="exported",
+         settings=("ingest.max_length", "export")),
     Step("quantize",
          "Quantize the student (ONNX Runtime int8 by default) behind an accuracy gate.",
-         _quantize),
+         inputs={"export_dir": "exported", "prepared_dir": "prepared", "student_dir": "pruned"},
+         output="quantized", settings=("quantize",)),
     Step("evaluate", "Compare every model side by side: accuracy, calibration, latency, size.",
-         _evaluate),
+         inputs={"prepared_dir": "prepared", "teacher_dir": "teacher",
+                 "baseline_dir": "baseline", "student_dir": "student", "pruned_dir": "pruned",
+                 "quantized_dir": "quantized"},
+         output="evaluation", settings=("ingest.max_length", "evaluate")),
     Step("register", "Register the student in the MLflow registry; promote it through the gate.",
-         _register),
+         inputs={"exported_dir": "exported", "quantized_dir": "quantized",
+                 "evaluation_dir": "evaluation", "prepared_dir": "prepared"},
+         # tracking and work_dir: where it registers (the default store is in work_dir).
+         output="registration", settings=(*MODEL_SETTINGS, "tracking", "work_dir"),
+         entry="run_candidate"),
 )
 
 

@@ -154,10 +154,13 @@ def pipeline_run(cfg: Config, name: str = "pipeline") -> Iterator[str | None]:
         yield run.info.run_id
 
 
-def step_run(cfg: Config, step: str,
-             fn: Callable[[LogMetric | None], StepResult]) -> StepResult:
+def step_run(cfg: Config, step: str, fn: Callable[[LogMetric | None], StepResult],
+             settings: dict[str, Any] | None = None) -> StepResult:
     """Call ``fn(log_metric)`` inside a run for ``step``; log its metrics, artifacts and
-    duration. ``log_metric(name, value, step)`` logs curves into that run."""
+    duration. ``log_metric(name, value, step)`` logs curves into that run.
+
+    ``settings``: the only settings this process has (a Kubeflow task's own), logged as the
+    run's params instead of every setting of ``cfg``, most of which would be defaults."""
     if not cfg.tracking.enabled:
         return _timed(lambda: fn(None))
     import mlflow
@@ -165,11 +168,13 @@ def step_run(cfg: Config, step: str,
     active = mlflow.active_run()
     experiment_id = configure(cfg)
     parent = active.info.run_id if active else os.environ.get(PARENT_ENV)
+    # A task's partial settings would hash to a value no whole run has: tag only the whole.
+    tags = {"kdpipe.step": step, **(_run_tags(cfg) if settings is None else {})}
     with mlflow.start_run(experiment_id=experiment_id, run_name=step,
-                          parent_run_id=parent, nested=active is not None,
-                          tags={"kdpipe.step": step, **_run_tags(cfg)}):
+                          parent_run_id=parent, nested=active is not None, tags=tags):
         if active is None:
-            mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+            mlflow.log_params(flatten(cfg.model_dump(mode="json") if settings is None
+                                      else settings))
         result = _timed(lambda: fn(_log_metric))
         mlflow.log_metrics(result.metrics)
         for path in result.artifacts:

@@ -14,6 +14,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kdpipe.config import IngestConfig, NormalizeConfig
@@ -227,3 +228,16 @@ def drop_train_duplicates(splits: dict[str, Split]) -> int:
         seen.add(text)
     splits["train"] = _subset(train, keep)
     return len(train.texts) - len(keep)
+
+
+# Readers of what ingest writes, here rather than in steps/ingest.py so that the steps which
+# read prepared data do not import (and, for DVC, depend on) the data sources.
+def read_split(path: Path) -> Split:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["text", "label"])
+    return Split(table.column("text").to_pylist(), table.column("label").to_pylist())
+
+
+def read_labels(prepared_dir: Path) -> list[str]:
+    return json.loads((prepared_dir / "labels.json").read_text(encoding="utf-8"))["names"]

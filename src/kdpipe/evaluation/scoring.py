@@ -22,7 +22,7 @@ from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation import latency, models, report, teacher_onnx
 from kdpipe.progress import progress_bar
-from kdpipe.steps.ingest import read_labels, read_split
+from kdpipe.data.prepare import read_labels, read_split
 
 RECORD_FORMAT = 1
 PREDICT_BATCH = 64  # texts per call when scoring the split (timing uses its own sizes)

@@ -55,7 +55,7 @@ def submit(host: str, experiment: str, cfg: Config, *, run_name: str | None = No
     when the host is unreachable after ``attempts`` tries of ``timeout`` seconds, refuses
     the credentials, or is not a KFP API, and when ``cfg`` cannot work on a cluster.
     """
-    from kdpipe.kfp.pipeline import compile_pipeline, params_text, quiet_kfp
+    from kdpipe.kfp.pipeline import compile_pipeline, pipeline_arguments, quiet_kfp
 
     host = _checked_host(host)
     token = _token()
@@ -64,8 +64,7 @@ def submit(host: str, experiment: str, cfg: Config, *, run_name: str | None = No
     if enable_caching is not None:
         cfg = cfg.model_copy(update={"kfp": cfg.kfp.model_copy(
             update={"enable_caching": enable_caching})})
-    arguments = {"params": params_text(cfg), "cpu_image": cfg.kfp.cpu_image,
-                 "gpu_image": cfg.kfp.gpu_image}
+    arguments = pipeline_arguments(cfg)
     with tempfile.TemporaryDirectory(prefix="kdpipe-submit-") as tmp, quiet_kfp(), \
             _api_errors(host), contextlib.redirect_stdout(io.StringIO()):
         # kfp prints "Run details: <link>" itself; the caller prints the Submission.
@@ -110,12 +109,23 @@ def check_reachable(host: str, token: str | None = None, *, attempts: int = 3,
 def check_cluster_config(cfg: Config) -> None:
     """Settings that cannot work inside cluster pods, as one-line errors."""
     uri = cfg.tracking.uri
-    if cfg.tracking.enabled and (not uri or uri.startswith(("sqlite:", "file:")) or
-                                 "://" not in uri):
+    # With kfp.secrets.mlflow the pods get MLFLOW_TRACKING_URI from the Secret, which wins.
+    if cfg.tracking.enabled and not cfg.kfp.secrets.mlflow and (
+            not uri or uri.startswith(("sqlite:", "file:")) or "://" not in uri):
         got = repr(uri) if uri else "null, a SQLite file inside each pod, lost with it"
         raise KdpipeError(f"tracking.uri: a cluster run needs an MLflow server its pods can "
-                          f"reach (got {got}); set -S tracking.uri=http://HOST:5000, or "
-                          "-S tracking.enabled=false")
+                          f"reach (got {got}); set -S tracking.uri=http://HOST:5000 or "
+                          "-S kfp.secrets.mlflow=SECRET, or -S tracking.enabled=false")
+    fixes = {"data.source": "upload it to object storage and give its s3://, gs:// or "
+                            "https:// URI",
+             "teacher.checkpoint": "give a hub id, or build an image that holds the folder "
+                                   "and give its path there"}
+    for key, value in (("data.source", cfg.data.source),
+                       ("teacher.checkpoint", cfg.teacher.checkpoint)):
+        if value not in ("demo", "default") and "://" not in value and \
+                Path(value).expanduser().exists():
+            raise KdpipeError(f"{key}: {value} is a path on this machine, which the pods do "
+                              f"not have; {fixes[key]}")
 
 
 def _checked_host(host: str) -> str:

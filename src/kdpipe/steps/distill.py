@@ -40,7 +40,7 @@ from kdpipe.models.teacher import load_tokenizer, quiet_transformers
 from kdpipe.optim import adamw
 from kdpipe.progress import progress_bar
 from kdpipe.steps import StepResult, fractionate, soft_labels
-from kdpipe.steps.ingest import read_labels, read_split
+from kdpipe.data.prepare import read_labels, read_split
 from kdpipe.threads import torch_threads
 
 LogMetric = Callable[[str, float, int], None]

@@ -52,7 +52,7 @@ from kdpipe.onnx_utils import (
 )
 from kdpipe.serve import BATCH_SIZE, MODEL_FILE, RECORD_FILE, Predictor, load_tokenizer
 from kdpipe.steps import StepResult
-from kdpipe.steps.ingest import read_labels, read_split
+from kdpipe.data.prepare import read_labels, read_split
 
 PLAN_FILE = "model.plan"
 RECORD_FORMAT = 1

@@ -43,7 +43,7 @@ from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config, FractionateConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.steps import StepResult, soft_labels
-from kdpipe.steps.ingest import read_labels, read_split
+from kdpipe.data.prepare import read_labels, read_split
 
 REPORT = "report.json"
 # Scores equal up to float rounding are ties (a row and its mirror image, [a, b] and [b, a],

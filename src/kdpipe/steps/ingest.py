@@ -9,7 +9,6 @@ tokenizer, duplicates, source provenance, and the content hash later steps key o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +61,6 @@ def write_split(split: Split, path: Path) -> None:
         "label": pa.array(split.labels, pa.int64()),
     })
     pq.write_table(table, path)
-
-
-def read_split(path: Path) -> Split:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=["text", "label"])
-    return Split(table.column("text").to_pylist(), table.column("label").to_pylist())
-
-
-def read_labels(prepared_dir: Path) -> list[str]:
-    return json.loads((prepared_dir / "labels.json").read_text(encoding="utf-8"))["names"]
 
 
 def token_lengths(prepared: Prepared, tokenizer: Any, cfg: Config) -> dict[str, Any]:

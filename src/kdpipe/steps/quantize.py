@@ -53,7 +53,7 @@ from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.serve import MODEL_FILE, TORCH_DIR, Predictor, model_path
 from kdpipe.steps import StepResult
-from kdpipe.steps.ingest import read_split
+from kdpipe.data.prepare import read_split
 
 QUANTIZE_FILE = "quantize.json"
 CALIBRATION_BATCH = 32

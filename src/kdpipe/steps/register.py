@@ -42,9 +42,16 @@ RECORD_FORMAT = 1
 METRICS_FILE = "metrics.json"
 
 
-def candidate_folder(cfg: Config) -> Path:
-    """The folder ``registry.candidate`` names."""
-    return cfg.paths.quantized if cfg.registry.candidate == "quantized" else cfg.paths.exported
+def candidate_folder(cfg: Config, exported_dir: Path, quantized_dir: Path) -> Path:
+    """The folder ``registry.candidate`` names: the quantized or the exported model."""
+    return Path(quantized_dir if cfg.registry.candidate == "quantized" else exported_dir)
+
+
+def run_candidate(cfg: Config, exported_dir: Path, quantized_dir: Path, evaluation_dir: Path,
+                  prepared_dir: Path, out_dir: Path) -> StepResult:
+    """``run`` on the candidate ``registry.candidate`` names (the pipeline's entry point)."""
+    return run(cfg, candidate_folder(cfg, exported_dir, quantized_dir), evaluation_dir,
+               prepared_dir, out_dir)
 
 
 def run(cfg: Config, candidate_dir: Path, evaluation_dir: Path, prepared_dir: Path,

@@ -23,7 +23,7 @@ from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.models.teacher import load_tokenizer
 from kdpipe.steps import StepResult
-from kdpipe.steps.ingest import read_labels
+from kdpipe.data.prepare import read_labels
 from kdpipe.steps.soft_labels import (AUGMENT, MANIFEST, Labelled, _summary, cached, key_parts,
                                       label_texts, load_teacher, texts_to_label,
                                       validation_accuracy)

@@ -42,7 +42,7 @@ from kdpipe.models import teacher as teacher_model
 from kdpipe.models.teacher import load_tokenizer
 from kdpipe.progress import progress_bar
 from kdpipe.steps import StepResult
-from kdpipe.steps.ingest import read_labels, read_split
+from kdpipe.data.prepare import read_labels, read_split
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from kdpipe.models.teacher import (
 from kdpipe.optim import adamw
 from kdpipe.progress import progress_bar
 from kdpipe.steps import StepResult
-from kdpipe.steps.ingest import read_labels, read_split
+from kdpipe.data.prepare import read_labels, read_split
 from kdpipe.threads import torch_threads
 
 log = logging.getLogger(__name__)
