@@ -1,10 +1,14 @@
 # The two commands that matter: `make run` (set up, then run the pipeline on the demo data)
 # and `make test` (set up, then run the test suite). Both create .venv on first use.
+# `make image`: the kdpipe image, for `kdpipe run --runner kfp-docker` (docker/build.sh; by
+# default on a Debian base made here, which needs root and debootstrap; IMAGE_FLAGS=--no-push
+# builds on python:3.11-slim instead).
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
+IMAGE_FLAGS ?= --local-base --no-push
 
-.PHONY: setup run test repro clean
+.PHONY: setup run test image repro clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +23,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n auto  # one worker per core (pytest-xdist)
+
+image: setup
+	PYTHON=$(abspath $(BIN))/python docker/build.sh $(IMAGE_FLAGS)
 
 # The DVC pipeline: kdpipe must be on PATH for the stages' commands.
 repro: setup

@@ -643,7 +643,7 @@ def test_a_component_readme_documents_every_input_and_output():
 
 @pytest.mark.slow
 def test_a_user_pipeline_reuses_the_ingest_component_from_its_file(tmp_path, tiny_bert,
-                                                                    kfp_leftovers):
+                                                                    monkeypatch):
     """As a user would: load components/ingest/component.yaml into a pipeline of one's own
     and run it (kfp.local, in a subprocess with this Python)."""
     from kfp import components, dsl, local
@@ -651,6 +651,8 @@ def test_a_user_pipeline_reuses_the_ingest_component_from_its_file(tmp_path, tin
     from kdpipe.kfp.adapter import settings_text
     from kdpipe.kfp.pipeline import quiet_kfp
 
+    # The task's `mktemp -d` goes here, not to /tmp, where other tests look for leftovers.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     ingest = components.load_component_from_file(str(REPO / "components" / "ingest" /
                                                      "component.yaml"))
     cfg = validate(tiny_settings(tmp_path, tiny_bert, "demo", tracking={"enabled": False}))

@@ -114,6 +114,7 @@ for _step in STEPS:
 class Runner(str, Enum):
     local = "local"
     kfp_local = "kfp-local"
+    kfp_docker = "kfp-docker"
 
 
 @app.command()
@@ -123,7 +124,9 @@ def run(
     set_: SetOpt = None,
     runner: Annotated[Runner, typer.Option(
         help="local: each step in this process. kfp-local: the Kubeflow DAG, one subprocess "
-        "per task (kfp.local, offline); same outputs under work_dir.")] = Runner.local,
+        "per task (kfp.local, offline). kfp-docker: the same DAG, each task in a container of "
+        "kfp.cpu_image (docker/build.sh --local-base --no-push builds it; a local MLflow "
+        "store is served for the run). Same outputs under work_dir.")] = Runner.local,
 ) -> None:
     """Run every step in order, tracked as one MLflow parent run, and print a summary."""
     from kdpipe import tracking
@@ -131,8 +134,8 @@ def run(
     cfg = load_config(params, set_)
     if cfg.data.source == "demo":
         err.print(DEMO_NOTICE)
-    if runner is Runner.kfp_local:
-        _run_kfp_local(cfg)
+    if runner is not Runner.local:
+        _run_kfp(cfg, runner)
         return
     rows = []
     with tracking.pipeline_run(cfg) as run_id:
@@ -185,16 +188,22 @@ def _print_mlflow_run(cfg: Config, run_id: str) -> None:
               highlight=False, soft_wrap=True)
 
 
-def _run_kfp_local(cfg: Config) -> None:
-    from kdpipe.kfp.local import run_local
-
-    log_path = cfg.paths.root / "kfp-local.log"
+def _run_kfp(cfg: Config, runner: Runner) -> None:
+    """The DAG with kfp.local: in subprocesses (kfp-local) or containers (kfp-docker)."""
+    if runner is Runner.kfp_docker:
+        from kdpipe.kfp.docker import run_in_docker as run_dag
+        where = f"in containers of {cfg.kfp.cpu_image}"
+    else:
+        from kdpipe.kfp.local import run_local as run_dag
+        where = "in local subprocesses"
+    name = runner.value
+    log_path = cfg.paths.root / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    err.print(f"[bold]▶ kfp-local[/] [dim]the Kubeflow DAG in local subprocesses; kfp's log: "
-              f"{log_path}[/]", highlight=False)
+    err.print(f"[bold]▶ {name}[/] [dim]the Kubeflow DAG {where}; kfp's log: {log_path}[/]",
+              highlight=False)
     with log_path.open("w", encoding="utf-8") as log:
-        done = run_local(cfg, log=log)
-    table = Table(title="kdpipe run --runner kfp-local")
+        done = run_dag(cfg, log=log)
+    table = Table(title=f"kdpipe run --runner {name}")
     table.add_column("step")
     table.add_column("output")
     for step, folder in done.outputs.items():

@@ -5,7 +5,8 @@ installed, nothing downloaded). Task outputs land in a scratch folder inside ``w
 afterwards each step's output folder is moved to where ``kdpipe run`` writes it
 (``cfg.paths``) and its metrics to ``metrics/<step>.json``, so DVC, ``kdpipe predict`` and
 the rest find the same files either way. Tracking matches ``kdpipe run``: one MLflow parent
-run, each step's run nested under it.
+run, each step's run nested under it. ``run_dag`` and the helpers beside it are shared with
+``kdpipe.kfp.docker`` (the same DAG, each task in a container).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
@@ -44,44 +45,67 @@ def run_local(cfg: Config, log: TextIO | None = None) -> LocalRun:
     one; the log has the rest). Register runs only when the gate passes; otherwise a stale
     ``register`` folder (and its metrics) from an earlier run is removed.
     """
-    work = Path(cfg.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    # Inside work_dir: outputs are then moved into place by rename, never copied.
-    scratch = Path(tempfile.mkdtemp(prefix=".kfp-local-", dir=work))
-    errors = scratch / "errors.txt"
-    (scratch / "tmp").mkdir()
-    try:
-        with _tracking(cfg) as (run_id, tracking_env), _environ({
-            # Each task's `mktemp -d` (and tempfile) goes here, not to /tmp, and goes with it.
-            "TMPDIR": str(scratch / "tmp"), ERRORS_ENV: str(errors), **tracking_env,
-        }), quiet_kfp(), _redirected(log):
-            _run(cfg, scratch, errors)
-            outputs = _collect(cfg, _run_folder(scratch / "outputs"))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    from kfp import local
+
+    with scratch_folder(cfg, "kfp-local") as scratch, \
+            parent_run(cfg, "kfp-local") as (run_id, tracking_env), environ({
+                # Each task's `mktemp -d` (and tempfile) goes here, not to /tmp, and goes
+                # with it.
+                "TMPDIR": str(scratch / "tmp"), ERRORS_ENV: str(errors_file(scratch)),
+                **tracking_env}), quiet_kfp(), redirected(log):
+        outputs = run_dag(cfg, local.SubprocessRunner(use_venv=False), scratch, "kfp-local")
     return LocalRun(outputs, "registration" in outputs, run_id)
 
 
-def _run(cfg: Config, scratch: Path, errors: Path) -> None:
+@contextlib.contextmanager
+def scratch_folder(cfg: Config, label: str) -> Iterator[Path]:
+    """A scratch folder for one run inside ``work_dir`` (outputs are then moved into place
+    by rename, never copied), with ``tmp/`` for the tasks; removed afterwards."""
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{label}-", dir=work)).resolve()
+    (scratch / "tmp").mkdir()
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def errors_file(scratch: Path) -> Path:
+    """Where failing tasks append their one line (``ERRORS_ENV``)."""
+    return scratch / "errors.txt"
+
+
+def run_dag(cfg: Config, runner: Any, scratch: Path, label: str) -> dict[str, Path]:
+    """Run the DAG with the ``kfp.local`` runner ``runner``, its outputs under ``scratch``,
+    then move them to ``cfg.paths`` (``_collect``). A failed task ends the run with its one
+    line from ``errors_file(scratch)``, prefixed by ``label``; so does a task that recorded
+    an error while kfp still counted it a success."""
     from kfp import local
 
-    local.init(runner=local.SubprocessRunner(use_venv=False),
-               pipeline_root=str(scratch / "outputs"),
+    local.init(runner=runner, pipeline_root=str(scratch / "outputs"),
                workspace_root=str(scratch / "workspace"), raise_on_error=True)
-    pipeline = build_pipeline(cfg)
+    errors = errors_file(scratch)
     try:
-        pipeline()
+        build_pipeline(cfg)()
     except RuntimeError as exc:
-        lines = errors.read_text(encoding="utf-8").splitlines() if errors.is_file() else []
-        if lines:
-            raise KdpipeError(f"kfp-local: {lines[0]}") from None
-        raise KdpipeError(f"kfp-local: {_first_line(exc)} (the log has why)") from None
+        line = _first_error(errors) or f"{_first_line(exc)} (the log has why)"
+        raise KdpipeError(f"{label}: {line}") from None
+    recorded = _first_error(errors)
+    if recorded:
+        raise KdpipeError(f"{label}: {recorded}")
+    return _collect(cfg, _run_folder(scratch / "outputs"))
+
+
+def _first_error(errors: Path) -> str | None:
+    lines = errors.read_text(encoding="utf-8").splitlines() if errors.is_file() else []
+    return lines[0] if lines else None
 
 
 def _run_folder(root: Path) -> Path:
     runs = [path for path in root.iterdir() if path.is_dir()] if root.is_dir() else []
     if len(runs) != 1:
-        raise KdpipeError(f"{root}: expected the outputs of one kfp-local run, found {len(runs)}")
+        raise KdpipeError(f"{root}: expected the outputs of one kfp.local run, found {len(runs)}")
     return runs[0]
 
 
@@ -120,12 +144,12 @@ def _replace(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _tracking(cfg: Config) -> Iterator[tuple[str | None, dict[str, str]]]:
+def parent_run(cfg: Config, name: str) -> Iterator[tuple[str | None, dict[str, str]]]:
     """A parent MLflow run (as ``kdpipe run`` opens) and the environment that nests each
     task's step run under it in the same store."""
     from kdpipe import tracking
 
-    with tracking.pipeline_run(cfg, name="kfp-local") as run_id:
+    with tracking.pipeline_run(cfg, name=name) as run_id:
         if run_id is None:
             yield None, {}
             return
@@ -134,7 +158,7 @@ def _tracking(cfg: Config) -> Iterator[tuple[str | None, dict[str, str]]]:
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
+def environ(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the task subprocesses, restoring them afterwards."""
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
@@ -149,7 +173,7 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _redirected(log: TextIO | None) -> Iterator[None]:
+def redirected(log: TextIO | None) -> Iterator[None]:
     """kfp prints task output, and logs its progress, to the sys.stdout of the moment."""
     if log is None:
         yield
