@@ -21,13 +21,12 @@ from typing import Any
 import yaml
 
 from kdpipe.config import Config
+from kdpipe.kfp.pipeline import RESOURCES
 
 DEFAULT_FOLDER = Path("components")
 COMPONENT_FILE = "component.yaml"
-# Every component of the DAG, in its order.
-NAMES = ("ingest", "teacher", "baseline", "plan_shards", "soft_label_shard",
-         "merge_soft_labels", "fractionate", "distill", "prune", "export", "quantize",
-         "evaluate", "gate", "register")
+# Every component of the DAG, in its order: the tasks the DAG sizes.
+NAMES = tuple(RESOURCES)
 
 
 def write_components(cfg: Config, out: Path = DEFAULT_FOLDER) -> list[Path]:
@@ -59,7 +58,7 @@ def _compile(name: str, cfg: Config, path: Path) -> dict[str, Any]:
     from kfp import compiler, dsl
 
     from kdpipe.kfp import components
-    from kdpipe.kfp.pipeline import RESOURCES, quiet_kfp
+    from kdpipe.kfp.pipeline import quiet_kfp
 
     image = cfg.kfp.gpu_image if RESOURCES[name].gpu else cfg.kfp.cpu_image
     # The DAG sets each task's image; a component used alone carries one of its own.
@@ -75,7 +74,6 @@ def readme(name: str, spec: dict[str, Any]) -> str:
     from docstring_parser import parse
 
     from kdpipe.kfp import components
-    from kdpipe.kfp.pipeline import RESOURCES
 
     doc = parse(getattr(components, name).python_func.__doc__ or "")
     described = {p.arg_name: " ".join(p.description.split()) for p in doc.params}
