@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdpipe.evaluation.metrics import accuracy_and_f1
 from kdpipe.evaluation.models import ModelUnderTest
-from kdpipe.metrics import accuracy_and_f1
 
 # Regularisation strengths tried for the TF-IDF baseline; the best on validation is kept.
 TFIDF_C = (0.5, 2.0, 8.0)

@@ -33,7 +33,7 @@ BATCHES = (1, 32, 256)
 
 def profile(folder: Path, texts: list[str], threads: int, budget: float) -> list[dict]:
     from kdpipe.evaluation.latency import batch_of
-    from kdpipe.serve import Predictor, length_groups
+    from kdpipe.serving.predictor import Predictor, length_groups
 
     predictor = Predictor(folder, threads=threads, batch_size=max(BATCHES))
     rows = []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kdpipe.config import load_config
 from kdpipe.evaluation.models import folder_bytes
-from kdpipe.serve import model_path
+from kdpipe.serving.predictor import model_path
 from kdpipe.steps import baseline, evaluate, export, prune, quantize
 
 RESULTS = Path(__file__).parent / "results"

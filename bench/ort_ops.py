@@ -24,8 +24,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def profile(folder: Path, texts: list[str], calls: int) -> dict:
-    from kdpipe.ort import import_onnxruntime
-    from kdpipe.serve import MODEL_FILE, Predictor, length_groups
+    from kdpipe.serving.ort import import_onnxruntime
+    from kdpipe.serving.predictor import MODEL_FILE, Predictor, length_groups
 
     ort = import_onnxruntime()
     predictor = Predictor(folder, threads=1)

@@ -213,8 +213,8 @@ def subset_data(data: Path, folder: Path, fraction: float) -> Path:
 def train_baselines(project: Path, root: Path) -> dict:
     """The student on hard labels only (same architecture, data, epochs and fractions as
     the pipeline's), and TF-IDF + LR; their folders and training seconds."""
-    from kdpipe.steps import distill
     from kdpipe.data.prepare import read_labels, read_split
+    from kdpipe.steps import distill
 
     cfg = project_config(project)
     cfg = project_config(project, f"distill.hard_label_epochs={cfg.distill.epochs}")
@@ -252,9 +252,9 @@ def open_system(name: str, project: Path, extra: dict, threads: int, tokenizer: 
 
 def measure_systems(project: Path, root: Path, extra: dict, threads: int,
                     budget: float) -> dict[str, dict]:
-    from kdpipe.evaluation.models import folder_bytes
-    from kdpipe.serve import load_tokenizer
     from kdpipe.data.prepare import read_split
+    from kdpipe.evaluation.models import folder_bytes
+    from kdpipe.serving.predictor import load_tokenizer
     from kdpipe.threads import torch_threads
 
     paths = project_config(project).paths
@@ -302,8 +302,8 @@ def measure(model, val, test, budget: float) -> dict[str, Any]:
 
 def quality(model, split) -> tuple[float, float]:
     """Accuracy and macro-F1 of ``model`` (a ModelUnderTest) on a prepared split."""
+    from kdpipe.evaluation.metrics import accuracy_and_f1
     from kdpipe.evaluation.models import predict_logits
-    from kdpipe.metrics import accuracy_and_f1
 
     predicted = predict_logits(model, split.texts, 64).argmax(axis=1)
     return accuracy_and_f1(np.asarray(split.labels), predicted)
@@ -392,18 +392,44 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, m in doc["systems"].items():
-        ax.scatter(m["latency_b1_p50_ms"], 100 * m["accuracy"], s=30)
-        ax.annotate(name, (m["latency_b1_p50_ms"], 100 * m["accuracy"]), fontsize=8,
-                    xytext=(4, 3), textcoords="offset points")
+    points = {name: (m["latency_b1_p50_ms"], 100 * m["accuracy"])
+              for name, m in doc["systems"].items()}
+    for x, y in points.values():
+        ax.scatter(x, y, s=30)
     ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.08)
+    # plain numbers (0.3, 1, 2, 5, 10 ms) instead of 10^0, 10^1
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"batch-1 p50 latency, ms (tokenization included, {doc['threads']} thread)")
     ax.set_ylabel("validation accuracy, %")
     ax.set_title(f"{doc['data']}: accuracy vs latency")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    # each label beside its point, on the first side where it overlaps no other label or
+    # point and stays inside the axes
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform(p) for p in points.values()]
+    placed = []
+    sides = [((5, 3), "left", "bottom"), ((5, -3), "left", "top"),
+             ((-5, 3), "right", "bottom"), ((-5, -3), "right", "top")]
+    for name, xy in points.items():
+        for offset, ha, va in sides:
+            text = ax.annotate(name, xy, fontsize=8, xytext=offset, textcoords="offset points",
+                               ha=ha, va=va)
+            box = text.get_window_extent(renderer).expanded(1.05, 1.1)
+            clear = (frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+                     and not any(box.overlaps(other) for other in placed)
+                     and not any(box.contains(*d) for d in dots))
+            if clear or offset == sides[-1][0]:
+                placed.append(box)
+                break
+            text.remove()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

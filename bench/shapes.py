@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import run as bench
+
 from kdpipe.config import load_config
+from kdpipe.data.prepare import read_split
 from kdpipe.evaluation.models import folder_bytes, onnx_folder
 from kdpipe.steps import distill, export, fractionate, prune, quantize
-from kdpipe.data.prepare import read_split
 from kdpipe.threads import torch_threads
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdpipe.data.prepare import read_split
 from kdpipe.config import load_config
+from kdpipe.data.prepare import read_split
 from kdpipe.steps import ingest, soft_labels, teacher
 
 RESULTS = Path(__file__).parent / "results"
@@ -33,7 +33,7 @@ def padded_vs_sorted(cfg, sample: int) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kdpipe.batching import length_sorted_batches, token_counts
+    from kdpipe.serving.padding import length_sorted_batches, token_counts
 
     texts = read_split(cfg.paths.prepared / "train.parquet").texts
     rng = np.random.default_rng(0)

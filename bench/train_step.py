@@ -1,7 +1,7 @@
 """Where a training step's time goes: forward, backward, clipping and the optimizer, for the
 distill step's student and the teacher's optimizer, with torch's per-tensor AdamW against the
-fused one that kdpipe.optim uses, the whole embedding table trained against only the rows
-the transfer set reaches (kdpipe.trained_rows, what distill does), and for a BiLSTM student
+fused one that kdpipe.training.optim uses, the whole embedding table trained against only the rows
+the transfer set reaches (kdpipe.training.trained_rows, what distill does), and for a BiLSTM student
 its LSTM over a PackedSequence against the padded batch (``bilstm.final_states``, what
 distill does).
 
@@ -30,7 +30,7 @@ def distill_step_ms(cfg, data, teacher_dir, tokenizer, fused: bool, steps: int,
                     warmup: int, reachable: bool = True,
                     packed: bool = False) -> dict[str, float]:
     """Mean milliseconds per part of the distill step on the first epoch's batches;
-    ``reachable`` False trains the whole embedding table (kdpipe.trained_rows undone);
+    ``reachable`` False trains the whole embedding table (kdpipe.training.trained_rows undone);
     ``packed`` runs a BiLSTM's LSTM over a PackedSequence."""
     if packed:
         from kdpipe.models import bilstm
@@ -38,9 +38,9 @@ def distill_step_ms(cfg, data, teacher_dir, tokenizer, fused: bool, steps: int,
         with mock.patch.object(bilstm, "final_states", bilstm.packed_final_states):
             return distill_step_ms(cfg, data, teacher_dir, tokenizer, fused, steps, warmup,
                                    reachable)
-    from kdpipe import trained_rows
-    from kdpipe.losses import LossTerms
     from kdpipe.steps import distill, fractionate
+    from kdpipe.training import trained_rows
+    from kdpipe.training.losses import LossTerms
 
     torch.manual_seed(cfg.seed)
     t = distill.make_trainer(cfg, data, teacher_dir, tokenizer, steps)

@@ -1,4 +1,4 @@
-"""What the serving word cache (``kdpipe.word_cache``) gives on texts it has not seen.
+"""What the serving word cache (``kdpipe.serving.word_cache``) gives on texts it has not seen.
 
     python bench/word_cache.py --data ../shared/data/sst2 \\
         student_int8=/tmp/kdpipe-bench10/sst2/full/work/quantized \\
@@ -24,7 +24,7 @@ import run as bench  # noqa: E402
 
 
 def passes(folder: Path, texts: list[str], batch: int, cache: bool) -> dict:
-    from kdpipe.serve import Predictor
+    from kdpipe.serving.predictor import Predictor
 
     predictor = Predictor(folder, threads=1)
     if not cache:

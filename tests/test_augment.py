@@ -3,8 +3,8 @@ import random
 import numpy as np
 import pytest
 
-from kdpipe.augment import make_variants
 from kdpipe.config import AugmentConfig
+from kdpipe.training.augment import make_variants
 
 MASK = "[MASK]"
 TEXTS = [

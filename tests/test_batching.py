@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kdpipe.batching import pad_ids
+from kdpipe.serving.padding import pad_ids
 from kdpipe.steps import distill
 
 ROWS = [[5, 6, 7], [8], [9, 10]]

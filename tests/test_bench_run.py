@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import separable_rows, write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

@@ -43,7 +43,6 @@ def fake_registry(tmp_path, tmp_path_factory, monkeypatch):
     """A SQLite store holding two versions with key-metric tags (accuracy 0.81 and 0.84;
     v2 is the challenger) and no champion: promotions need no model download."""
     from mlflow import MlflowClient
-
     from test_registry import sqlite_store
 
     uri = sqlite_store(tmp_path / "mlflow.db", tmp_path_factory.getbasetemp())

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import separable_rows, write_csv
-from kdpipe.data.prepare import read_split
+
 from kdpipe.config import validate
+from kdpipe.data.prepare import read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import build_student, load_student
 from kdpipe.steps import distill, fractionate, ingest, soft_labels, teacher

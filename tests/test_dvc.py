@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import separable_rows, write_csv
+
 from kdpipe.steps import ingest
 
 REPO = Path(__file__).resolve().parents[1]

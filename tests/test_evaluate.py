@@ -18,13 +18,13 @@ import pytest
 import torch
 from conftest import build_tiny_bert, prepared_config, save_fresh_student
 
-from kdpipe import pruning
+from kdpipe.compression import pruning
+from kdpipe.data.prepare import read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.models import folder_bytes
 from kdpipe.models.students import count_parameters, load_student
-from kdpipe.serve import Predictor, load_tokenizer
+from kdpipe.serving.predictor import Predictor, load_tokenizer
 from kdpipe.steps import baseline, evaluate, export, quantize
-from kdpipe.data.prepare import read_split
 
 MODELS = ["teacher", "teacher_int8", "student", "pruned", "quantized"]
 SMALL_STUDENT = {"arch": "textcnn", "embedding_dim": 16, "textcnn": {"num_filters": 8}}

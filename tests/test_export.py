@@ -10,15 +10,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import prepared_config, save_fresh_student
+
+from kdpipe.compression.onnx_export import exportable, ort_session
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import load_student
 from kdpipe.models.teacher import load_tokenizer
-from kdpipe.onnx_utils import exportable, ort_session
-from kdpipe.serve import Predictor
-from kdpipe.serve import load_tokenizer as load_folder_tokenizer
+from kdpipe.serving.predictor import Predictor
+from kdpipe.serving.predictor import load_tokenizer as load_folder_tokenizer
 from kdpipe.steps import export
 
 ARCHS = ["textcnn", "bilstm", "transformer"]
@@ -144,8 +144,8 @@ def test_bilstm_exports_one_lstm_node_per_layer_reading_the_lengths(exported):
 def test_wrapped_bilstm_with_a_vocabulary_buffer_exports_its_own_forward(tmp_path):
     """The module's forward is what gets exported (here a remap of token ids held in a
     buffer, around a BiLSTM), with only the packing swapped."""
+    from kdpipe.compression.onnx_export import export_onnx
     from kdpipe.models.bilstm import BiLSTM
-    from kdpipe.onnx_utils import export_onnx
 
     class Remapped(torch.nn.Module):
         def __init__(self):
@@ -172,7 +172,7 @@ def test_wrapped_bilstm_with_a_vocabulary_buffer_exports_its_own_forward(tmp_pat
 def test_pruned_student_exports_with_its_vocabulary_remap(students, tmp_path, arch):
     """A prune output (vocabulary cut to the words of a few texts, half the units removed,
     half the weights zeroed) exports with parity; an id that was cut reads as [UNK]."""
-    from kdpipe import pruning
+    from kdpipe.compression import pruning
 
     cfg, folders = students
     tokenizer = load_folder_tokenizer(folders[arch])
@@ -197,7 +197,7 @@ def test_pruned_student_exports_with_its_vocabulary_remap(students, tmp_path, ar
 def test_pruned_student_with_own_unseen_rows_exports(students, tmp_path, arch):
     """Dropped tokens reading their own low-rank rows (a FallbackEmbedding) export with
     parity (a text with a dropped word reads as in PyTorch) and the low-rank rows go along."""
-    from kdpipe import pruning
+    from kdpipe.compression import pruning
 
     cfg, folders = students
     tokenizer = load_folder_tokenizer(folders[arch])

@@ -7,9 +7,10 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import separable_rows, write_csv
+
 from kdpipe.config import FractionateConfig
+from kdpipe.data.prepare import read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.steps import fractionate, ingest, soft_labels
 from kdpipe.steps.fractionate import (
@@ -24,7 +25,6 @@ from kdpipe.steps.fractionate import (
     teacher_entropy,
     teacher_margin,
 )
-from kdpipe.data.prepare import read_split
 
 E = math.e
 

@@ -8,14 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import prepared_config, save_fresh_student
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import prepared_config, save_fresh_student
 from kdpipe.config import validate
 from kdpipe.errors import KdpipeError
 from kdpipe.models.teacher import load_tokenizer
-from kdpipe.serve import Predictor
+from kdpipe.serving.predictor import Predictor
 from kdpipe.steps import export, ingest
 
 QUICK = settings(max_examples=40, deadline=None,

@@ -3,11 +3,11 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import separable_rows, write_csv
+
+from kdpipe.data.prepare import read_labels, read_split
 from kdpipe.errors import DataError
 from kdpipe.steps import ingest
-from kdpipe.data.prepare import read_labels, read_split
 
 
 def _ingest(cfg):

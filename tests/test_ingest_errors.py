@@ -4,9 +4,9 @@ traceback, and no output written."""
 import json
 
 import pytest
+from conftest import separable_rows, write_csv
 from typer.testing import CliRunner
 
-from conftest import separable_rows, write_csv
 from kdpipe.cli import app
 
 GOOD = separable_rows(30)

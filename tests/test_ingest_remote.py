@@ -13,9 +13,9 @@ import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import separable_rows, write_csv
 from typer.testing import CliRunner
 
-from conftest import separable_rows, write_csv
 from kdpipe.cli import app
 from kdpipe.config import DataConfig
 from kdpipe.data.sources import load_source

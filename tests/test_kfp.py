@@ -19,8 +19,8 @@ from kdpipe.config import Config, load_config, validate
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.kfp import adapter
 from kdpipe.kfp.pipeline import compile_pipeline
-from kdpipe.pipeline import STEPS
 from kdpipe.kfp.submit import check_cluster_config, submit
+from kdpipe.pipeline import STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = {"ingest", "teacher", "baseline", "plan-shards", "soft-label-shard",

@@ -1,4 +1,4 @@
-"""kdpipe.losses against values worked out by hand (math.exp / math.log, not the same torch ops)."""
+"""kdpipe.training.losses against values worked out by hand (math.exp / math.log, not the same torch ops)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdpipe.config import DistillConfig
-from kdpipe.losses import (
+from kdpipe.training.losses import (
     LossTerms,
     MemoryBank,
     crd_infonce,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kdpipe import metrics
+from kdpipe.evaluation import metrics
 
 # Five rows, three classes: true 0 0 1 1 2, predicted 0 1 1 1 0.
 LABELS = np.array([0, 0, 1, 1, 2])

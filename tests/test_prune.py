@@ -14,12 +14,11 @@ import pytest
 import torch
 from conftest import separable_rows, write_csv
 
-from kdpipe.data.prepare import read_split
-from kdpipe import pruning
+from kdpipe.compression import pruning
 from kdpipe.config import StudentConfig, validate
+from kdpipe.data.prepare import read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import build_student, count_parameters, load_student, save_student
-from kdpipe.models.teacher import load_tokenizer
 from kdpipe.steps import ingest, prune, soft_labels
 
 ARCHS = ["textcnn", "bilstm", "transformer"]

@@ -22,9 +22,14 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-
-from test_registry import (keyword_model, metrics_entry, prepared_labels, registry_config,
-                           sqlite_store, write_metrics)
+from test_registry import (
+    keyword_model,
+    metrics_entry,
+    prepared_labels,
+    registry_config,
+    sqlite_store,
+    write_metrics,
+)
 
 NAME = "served-clf"
 TEXTS = ["a lovely film", "the phone was broken and sad", "good"]
@@ -39,7 +44,7 @@ def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProces
 def test_serving_modules_do_not_import_torch():
     done = run_python("""
         import sys
-        import kdpipe.serve, kdpipe.ort, kdpipe.registry.pyfunc
+        import kdpipe.serving.predictor, kdpipe.serving.ort, kdpipe.registry.pyfunc
         print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
     """)
     assert done.returncode == 0, done.stderr
@@ -54,7 +59,7 @@ def keyword_folder(tmp_path_factory, tiny_bert):
 
 @pytest.fixture(scope="module")
 def classifier(keyword_folder):
-    from kdpipe.registry.pyfunc import ARTIFACT, TextClassifier
+    from kdpipe.serving.pyfunc_model import ARTIFACT, TextClassifier
 
     model = TextClassifier()
     model.load_context(SimpleNamespace(artifacts={ARTIFACT: str(keyword_folder)}))
@@ -281,7 +286,7 @@ def torch_champion(tmp_path_factory, tiny_bert):
 def test_torch_int8_champion_loads_in_a_fresh_process(torch_champion):
     import mlflow
 
-    from kdpipe.serve import Predictor
+    from kdpipe.serving.predictor import Predictor
 
     uri, folder = torch_champion
     mlflow.set_tracking_uri(uri)
@@ -294,9 +299,9 @@ def test_torch_int8_champion_loads_in_a_fresh_process(torch_champion):
         import mlflow.pyfunc, pandas as pd
         model = mlflow.pyfunc.load_model("models:/{TORCH_NAME}@champion")
         out = model.predict(pd.DataFrame({{"text": {TEXTS!r}}}))
-        import kdpipe.torch_int8
+        import kdpipe.compression.torch_int8
         print(json.dumps({{"rows": out.to_dict("records"),
-                           "kdpipe": kdpipe.torch_int8.__file__}}))
+                           "kdpipe": kdpipe.compression.torch_int8.__file__}}))
     """, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

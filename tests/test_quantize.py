@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import prepared_config, save_fresh_student
+
+from kdpipe.compression import ort_quantize
 from kdpipe.errors import KdpipeError
 from kdpipe.models.teacher import load_tokenizer
-from kdpipe.serve import Predictor
+from kdpipe.serving.predictor import Predictor
 from kdpipe.steps import export, quantize
 
 SMALL_STUDENT = {"arch": "textcnn", "embedding_dim": 64, "textcnn": {"num_filters": 8}}
@@ -91,14 +92,14 @@ def test_op_types_limit_what_is_quantized(exported, tmp_path):
 def test_runtime_only_operators_are_reported(tmp_path):
     # ORT's "extended" level saves its own fused operators (a Conv + ReLU becomes FusedConv),
     # which the quantizer does not know: the quantize record lists them as left in float.
-    from kdpipe.onnx_utils import save_optimized
+    from kdpipe.compression.onnx_export import save_optimized
 
     module = torch.nn.Sequential(torch.nn.Conv1d(4, 3, 2), torch.nn.ReLU()).eval()
     torch.onnx.export(module, (torch.randn(1, 4, 5),), str(tmp_path / "plain.onnx"),
                       dynamo=False, input_names=["x"], output_names=["y"])
-    assert quantize.runtime_only_ops(tmp_path / "plain.onnx") == []
+    assert ort_quantize.runtime_only_ops(tmp_path / "plain.onnx") == []
     save_optimized(tmp_path / "plain.onnx", tmp_path / "fused.onnx", "extended")
-    assert "FusedConv" in quantize.runtime_only_ops(tmp_path / "fused.onnx")
+    assert "FusedConv" in ort_quantize.runtime_only_ops(tmp_path / "fused.onnx")
 
 
 def test_ort_static_minmax_inserts_qdq(exported, tmp_path):
@@ -228,7 +229,7 @@ def test_histogram_calibration_on_batches_of_different_lengths(exported, tmp_pat
     # calibration batch must have the same shape; train batches differ in longest text.
     cfg, folder = exported
     train = quantize.read_split(cfg.paths.prepared / "train.parquet").texts
-    predictor = Predictor(folder, threads=1, batch_size=quantize.CALIBRATION_BATCH)
+    predictor = Predictor(folder, threads=1, batch_size=ort_quantize.CALIBRATION_BATCH)
     widths = {feed["input_ids"].shape[1] for feed in predictor.encode(list(train)[:96])}
     assert len(widths) > 1  # the fixture really has batches of different lengths
     cfg = with_quantize(cfg, method="ort_static", calibration=calibration,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import NEGATIVE, POSITIVE, prepared_config, save_fresh_student
+
 from kdpipe.errors import KdpipeError
 
 NAME = "tiny-clf"

@@ -84,7 +84,7 @@ def assert_same(found: dict, expected: dict) -> None:
 
 def leftovers(work: Path) -> list[str]:
     # Not the soft-label cache's staging folders (".<key>.staged-..."): a killed store's stays
-    # until a later store sweeps it a day on, as kdpipe.softcache says, because a young one
+    # until a later store sweeps it a day on, as kdpipe.training.softcache says, because a young one
     # may be a live writer's on another host sharing the cache.
     return [str(p.relative_to(work)) for p in work.rglob(".*")
             if (".tmp-" in p.name or ".old-" in p.name) and ".staged-" not in p.name]

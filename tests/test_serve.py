@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_export import make_students
 
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import load_student
 from kdpipe.models.teacher import quiet_transformers
-from kdpipe.serve import Prediction, Predictor, length_groups
+from kdpipe.serving.predictor import Prediction, Predictor, length_groups
 from kdpipe.steps import export
-from test_export import make_students
 
 TEXTS = ["a lovely film", "the phone was broken and sad, really very dull",
          "good", "", "superb service but awful food 12345"]

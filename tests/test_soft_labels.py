@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import separable_rows, write_csv
-from kdpipe import softcache
-from kdpipe.augment import make_variants
-from kdpipe.steps import ingest, soft_labels
+
 from kdpipe.data.prepare import read_split
+from kdpipe.steps import ingest, soft_labels
+from kdpipe.training import softcache
+from kdpipe.training.augment import make_variants
 
 SPLITS = ("train", "validation", "test")
 
@@ -204,7 +204,7 @@ def test_corrupted_entry_is_detected_and_rebuilt(setup, tiny_bert, caplog):
     blob[-5] ^= 0xFF  # same size: only the checksum can tell
     flipped.write_bytes(bytes(blob))
 
-    with caplog.at_level(logging.WARNING, logger="kdpipe.softcache"):
+    with caplog.at_level(logging.WARNING, logger="kdpipe.training.softcache"):
         result = label(cfg, tiny_bert)
     assert result.metrics["cache_hit"] == 0
     assert "corrupted" in caplog.text
@@ -281,7 +281,7 @@ def test_lookup_drops_a_damaged_entry(tmp_path, damage, caplog):
         path.unlink()
     else:
         (entry / "manifest.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="kdpipe.softcache"):
+    with caplog.at_level(logging.WARNING, logger="kdpipe.training.softcache"):
         assert softcache.lookup(tmp_path, key) is None
     assert "corrupted" in caplog.text
     assert not entry.exists() and entries(tmp_path) == []

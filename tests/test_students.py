@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
+from kdpipe.models import students
 from kdpipe.models.students import (
     RECORD_FILE,
     WEIGHTS_FILE,
@@ -26,8 +27,6 @@ from kdpipe.models.students import (
     save_student,
     teacher_token_vectors,
 )
-from kdpipe.models import students
-from kdpipe.models.teacher import load_tokenizer
 
 ARCHS = ["textcnn", "bilstm", "transformer"]
 SMALL = {  # widest filter 4 > the 3 tokens of "[CLS] good [SEP]": the short-text path runs

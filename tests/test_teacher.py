@@ -15,10 +15,10 @@ from conftest import separable_rows, write_csv
 from safetensors.torch import load_file
 
 from kdpipe.config import TeacherConfig
+from kdpipe.data.prepare import read_labels, read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.models.teacher import load_teacher, no_decay_param_groups, predict_logits
 from kdpipe.steps import ingest, teacher
-from kdpipe.data.prepare import read_labels, read_split
 
 ROWS = 300  # 60 validation rows, 210 train rows: 14 batches of 16 per epoch
 

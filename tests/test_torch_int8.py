@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdpipe import pruning, torch_int8
+from kdpipe.compression import pruning, torch_int8
+from kdpipe.compression.onnx_export import LogitsOnly
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import build_student, save_student
-from kdpipe.onnx_utils import LogitsOnly
 
 SMALL = {
     "textcnn": {"embedding_dim": 16, "textcnn": {"filter_sizes": [2, 3], "num_filters": 8}},

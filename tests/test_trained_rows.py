@@ -8,11 +8,12 @@ import pytest
 import torch
 from test_distill import _config, _distill, pipeline_dir  # noqa: F401 (a fixture)
 
-from kdpipe import pruning, trained_rows
+from kdpipe.compression import pruning
 from kdpipe.config import StudentConfig
 from kdpipe.models.students import build_student, load_student
 from kdpipe.models.teacher import load_tokenizer
 from kdpipe.steps import distill
+from kdpipe.training import trained_rows
 
 ARCHS = ["textcnn", "bilstm", "transformer"]
 SMALL = {"embedding_dim": 16, "textcnn": {"filter_sizes": [2, 3], "num_filters": 8},

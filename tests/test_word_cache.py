@@ -1,4 +1,4 @@
-"""kdpipe.word_cache: ids per memoised word equal the tokenizer's own, or it stands aside."""
+"""kdpipe.serving.word_cache: ids per memoised word equal the tokenizer's own, or it stands aside."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdpipe.serve import fast_backend, load_tokenizer
-from kdpipe.word_cache import WordCache
+from kdpipe.serving.predictor import fast_backend, load_tokenizer
+from kdpipe.serving.word_cache import WordCache
 
 # Words in and out of the tiny vocabulary, digits (split into ##pieces), punctuation glued
 # to words, literal special tokens, mixed case.
@@ -48,7 +48,7 @@ def test_words_with_non_ascii_or_control_characters_go_to_the_tokenizer(tiny_ber
 
 
 def test_the_memo_starts_again_past_its_bound(tiny_bert, monkeypatch):
-    from kdpipe import word_cache
+    from kdpipe.serving import word_cache
 
     monkeypatch.setattr(word_cache, "MAX_WORDS", 3)
     rust = backend(tiny_bert)

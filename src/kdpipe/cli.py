@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import time
-from enum import Enum
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -280,7 +280,7 @@ def predict(
     """Classify texts with an exported model; prints one JSON object per text."""
     import json
 
-    from kdpipe.serve import Predictor
+    from kdpipe.serving.predictor import Predictor
 
     for text, prediction in zip(texts, Predictor(model).predict(texts), strict=True):
         typer.echo(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))

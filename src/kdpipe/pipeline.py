@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdpipe.config import Config
+from kdpipe.step_result import StepResult
 from kdpipe.step_settings import view
-from kdpipe.steps import StepResult
 
 LogMetric = Callable[[str, float, int], None]
 

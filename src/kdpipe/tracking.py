@@ -18,7 +18,7 @@ from typing import Any
 
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
-from kdpipe.steps import StepResult
+from kdpipe.step_result import StepResult
 
 PARENT_ENV = "KDPIPE_PARENT_RUN_ID"
 LogMetric = Callable[[str, float, int], None]
@@ -121,7 +121,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         done = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
@@ -133,7 +133,7 @@ def _git_commit() -> str | None:
 
 def _run_tags(cfg: Config) -> dict[str, str]:
     tags = {"kdpipe.params_hash": cfg.params_hash()}
-    commit = _git_commit()
+    commit = git_commit()
     if commit:
         tags["kdpipe.git_commit"] = commit
     return tags
@@ -193,3 +193,26 @@ def _timed(fn: Callable[[], StepResult]) -> StepResult:
     result = fn()
     result.metrics.setdefault("seconds", round(time.perf_counter() - start, 3))
     return result
+
+
+@contextlib.contextmanager
+def active_or_own_run(cfg: Config, step: str) -> Iterator[str]:
+    """The active run's id (the CLI's step run), else that of a run of ``step``'s own."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None:
+        yield active.info.run_id
+        return
+    experiment_id = configure(cfg)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=step,
+                          tags={"kdpipe.step": step,
+                                "kdpipe.params_hash": cfg.params_hash()}) as run:
+        yield run.info.run_id
+
+
+def log_text(text: str, name: str) -> None:
+    """``text`` as the artifact ``name`` of the active run."""
+    import mlflow
+
+    mlflow.log_text(text, name)

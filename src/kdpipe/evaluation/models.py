@@ -57,9 +57,9 @@ def pytorch_teacher(name: str, folder: Path, tokenizer: Any, max_length: int,
 def pytorch_student(name: str, folder: Path, tokenizer: Any, max_length: int,
                     batch_size: int) -> ModelUnderTest:
     """A distill or prune output in ``folder``; ``tokenizer``: the teacher's."""
-    from kdpipe.onnx_utils import LogitsOnly
-    from kdpipe.pruning import load_for_inference
-    from kdpipe.steps.export import student_record
+    from kdpipe.compression.onnx_export import LogitsOnly
+    from kdpipe.compression.pruning import load_for_inference
+    from kdpipe.models.students import student_record
 
     module = load_for_inference(folder)
     logits_only = LogitsOnly(module).eval()
@@ -74,7 +74,7 @@ def pytorch_student(name: str, folder: Path, tokenizer: Any, max_length: int,
 def onnx_folder(name: str, folder: Path, threads: int, batch_size: int) -> ModelUnderTest:
     """An exported folder (model.onnx, or a torch_dynamic ``torch`` folder; tokenizer,
     labels.json, export.json)."""
-    from kdpipe.serve import Predictor
+    from kdpipe.serving.predictor import Predictor
 
     predictor = Predictor(folder, threads=threads, batch_size=batch_size)
 

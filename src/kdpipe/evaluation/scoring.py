@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe import metrics as scores
 from kdpipe.config import Config
+from kdpipe.data.prepare import read_labels, read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation import latency, models, report, teacher_onnx
+from kdpipe.evaluation import metrics as scores
 from kdpipe.progress import progress_bar
-from kdpipe.data.prepare import read_labels, read_split
 
 RECORD_FORMAT = 1
 PREDICT_BATCH = 64  # texts per call when scoring the split (timing uses its own sizes)
@@ -100,7 +100,7 @@ class _Opener:
         self.teacher: models.ModelUnderTest | None = None
 
     def teacher_tokenizer(self) -> Any:
-        from kdpipe.serve import load_tokenizer
+        from kdpipe.serving.predictor import load_tokenizer
 
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.folders["teacher"])

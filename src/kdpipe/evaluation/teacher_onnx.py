@@ -1,6 +1,6 @@
 """The teacher as ONNX (fp32) and int8: the baseline a student has to beat on a CPU.
 
-``export_teacher`` writes an exported folder that ``kdpipe.serve.Predictor`` reads, the
+``export_teacher`` writes an exported folder that ``kdpipe.serving.predictor.Predictor`` reads, the
 way ``kdpipe.steps.export`` does for a student: ``model.onnx`` traced at ``export.opset``
 and optimised at ``export.optimize``, the tokenizer files, ``labels.json`` and
 ``export.json`` (how it was made and a parity report against the PyTorch teacher; above
@@ -19,7 +19,7 @@ import numpy as np
 
 from kdpipe.atomic import write_json
 from kdpipe.config import Config
-from kdpipe.serve import LABELS_FILE, MODEL_FILE, RECORD_FILE, Predictor
+from kdpipe.serving.predictor import LABELS_FILE, MODEL_FILE, RECORD_FILE, Predictor
 
 RECORD_FORMAT = 1
 QUANTIZE_FILE = "quantize.json"
@@ -36,8 +36,15 @@ def export_teacher(cfg: Config, teacher_dir: Path, module: Any, tokenizer: Any,
     import onnxruntime
     import torch
 
-    from kdpipe.onnx_utils import TORCHSCRIPT_MAX_OPSET, export_onnx, save_optimized
-    from kdpipe.steps.export import check_parity, example_inputs, parity_report, torch_logits
+    from kdpipe.compression.onnx_export import (
+        TORCHSCRIPT_MAX_OPSET,
+        check_parity,
+        example_inputs,
+        export_onnx,
+        parity_report,
+        save_optimized,
+        torch_logits,
+    )
 
     e = cfg.export
     out.mkdir(parents=True)
@@ -74,7 +81,7 @@ def quantize_teacher(cfg: Config, onnx_dir: Path, prepared_dir: Path, out: Path,
     ort_static), else by ort_dynamic (this model is the int8 baseline whatever the student
     got). ``source``: the path to record (where ``onnx_dir`` will end up). Returns the record
     written to quantize.json."""
-    from kdpipe.steps.quantize import quantize_model
+    from kdpipe.compression.ort_quantize import quantize_model
 
     method = cfg.quantize.method if cfg.quantize.method in INT8_METHODS else "ort_dynamic"
     q_cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(
@@ -82,7 +89,7 @@ def quantize_teacher(cfg: Config, onnx_dir: Path, prepared_dir: Path, out: Path,
     shutil.copytree(onnx_dir, out)
     with tempfile.TemporaryDirectory(prefix="kdpipe-teacher-int8-") as scratch:
         quantized = Path(scratch) / "quantized.onnx"
-        details = quantize_model(q_cfg, onnx_dir / MODEL_FILE, quantized, onnx_dir,
+        details = quantize_model(q_cfg.quantize, onnx_dir / MODEL_FILE, quantized, onnx_dir,
                                  prepared_dir, Path(scratch))
         shutil.copyfile(quantized, out / MODEL_FILE)
     record = {"format": RECORD_FORMAT, "source": str(source or onnx_dir), "method": method,

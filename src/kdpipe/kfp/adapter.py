@@ -24,8 +24,8 @@ import yaml
 from kdpipe.config import Config
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.pipeline import step_named
+from kdpipe.step_result import StepResult
 from kdpipe.step_settings import from_subset, subset
-from kdpipe.steps import StepResult
 
 LogMetric = Callable[[str, float, int], None]
 # A file the failing task appends "<step>: <message>" to (set by run_local).

@@ -15,11 +15,18 @@ The docstrings' ``Args:`` become the descriptions in the compiled component YAML
 (No ``from __future__ import annotations`` here: KFP reads the annotations as types.)
 """
 
-from typing import List
 
 from kfp import dsl
-from kfp.dsl import (Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model,
-                     Output)
+from kfp.dsl import (
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+)
 
 # Fixed when the module is imported, so only a placeholder: the pipeline sets every task's
 # image from its cpu_image / gpu_image parameters.
@@ -86,7 +93,7 @@ def baseline(settings: str, prepared: Input[Dataset], teacher: Input[Model],
 
 
 @component
-def plan_shards(settings: str) -> List[int]:
+def plan_shards(settings: str) -> list[int]:
     """The shard numbers the soft labels are computed in (soft_labels.shards of them).
 
     Args:
@@ -125,7 +132,7 @@ def soft_label_shard(settings: str, shard: int, teacher: Input[Model], prepared:
 
 
 @component
-def merge_soft_labels(settings: str, shards: Input[List[Dataset]], prepared: Input[Dataset],
+def merge_soft_labels(settings: str, shards: Input[list[Dataset]], prepared: Input[Dataset],
                       soft_labels: Output[Dataset], metrics: Output[Metrics]):
     """Merge the shards into the folder the soft_labels step makes in one process.
 

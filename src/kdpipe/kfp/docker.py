@@ -39,8 +39,15 @@ from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.kfp.adapter import ERRORS_ENV
 from kdpipe.kfp.cluster import MLFLOW_KEYS, STORAGE_KEYS
-from kdpipe.kfp.local import (LocalRun, environ, errors_file, parent_run, redirected, run_dag,
-                              scratch_folder)
+from kdpipe.kfp.local import (
+    LocalRun,
+    environ,
+    errors_file,
+    parent_run,
+    redirected,
+    run_dag,
+    scratch_folder,
+)
 from kdpipe.kfp.pipeline import quiet_kfp
 
 LABEL = "kfp-docker"

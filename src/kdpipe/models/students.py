@@ -266,7 +266,7 @@ def save_student(model: nn.Module, folder: Path) -> None:
 def load_student(folder: Path, load_weights: LoadWeights | None = None) -> nn.Module:
     """The student saved in ``folder``, in eval mode; needs no teacher folder.
     ``load_weights(model, path)``: reads the weights file into the built module (default:
-    safetensors' strict ``load_model``; ``kdpipe.torch_int8`` passes its int8 reader).
+    safetensors' strict ``load_model``; ``kdpipe.compression.torch_int8`` passes its int8 reader).
 
     Raises ``KdpipeError`` naming the file when student.json or model.safetensors is
     missing, unreadable or does not describe the same module.
@@ -311,3 +311,11 @@ def strict_load(model: nn.Module, path: Path) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def student_record(model: nn.Module) -> dict[str, Any]:
+    """student.json of ``model``, or of the student inside it (a pruned model wraps one)."""
+    for module in model.modules():
+        if hasattr(module, "student_record"):
+            return module.student_record
+    raise KdpipeError(f"{type(model).__name__} holds no student record")

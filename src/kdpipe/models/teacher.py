@@ -113,7 +113,7 @@ def predict(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int
     """
     import torch
 
-    from kdpipe.batching import encode, length_sorted_batches, token_counts
+    from kdpipe.serving.padding import length_sorted_batches, token_counts
 
     device = next(model.parameters()).device
     logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
@@ -163,3 +163,9 @@ def no_decay_param_groups(model: Any, weight_decay: float) -> list[dict[str, Any
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Any]:
+    """Tokenize one batch, padded to its longest text (dynamic padding), as torch tensors."""
+    return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                     return_tensors="pt")

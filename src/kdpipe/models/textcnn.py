@@ -33,7 +33,7 @@ class TextCNN(nn.Module):
         self.feature_dim = num_filters * len(self.filter_sizes)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.feature_dim, num_labels)
-        # Set on the copy that is exported (kdpipe.onnx_utils.exportable): ONNX Runtime
+        # Set on the copy that is exported (kdpipe.compression.onnx_export.exportable): ONNX Runtime
         # quantizes a MatMul to its fast int8 kernels, but its integer Conv is slower than
         # its float one, so the exported graph computes the same windows as one MatMul.
         self.windows_as_matmul = False

@@ -22,8 +22,7 @@ import numpy as np
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.registry.gate import ChampionComparison, Decision, decide
-from kdpipe.registry.store import (CHALLENGER, CHAMPION, TAG_PREFIX, Registry, Version,
-                                   open_registry)
+from kdpipe.registry.store import CHALLENGER, CHAMPION, TAG_PREFIX, Registry, Version, open_registry
 
 
 @dataclass(frozen=True)
@@ -150,7 +149,7 @@ def evaluation_rows(prepared_dir: Path, split: str, max_rows: int | None
 def accuracy_on(folder: Path, texts: list[str], gold: list[str], threads: int | None) -> float:
     """Share of ``texts`` whose predicted label name is the gold name (names, not ids, so a
     model with other label ids is still measured fairly)."""
-    from kdpipe.serve import Predictor
+    from kdpipe.serving.predictor import Predictor
 
     predictor = Predictor(folder, threads=threads)
     predicted = predictor.logits(texts).argmax(axis=1)

@@ -21,8 +21,8 @@ import yaml
 
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
-from kdpipe.ort import first_line
 from kdpipe.registry.gate import KeyMetrics
+from kdpipe.serving.ort import first_line
 from kdpipe.tracking import redact
 
 CHAMPION = "champion"
@@ -135,10 +135,10 @@ class Registry:
 
     def download(self, name: str, version: int, dst: Path) -> Path:
         """Download version ``version`` into ``dst``; returns its model folder (the folder
-        ``kdpipe.serve.Predictor`` reads), read from MLmodel, never from a pickle."""
+        ``kdpipe.serving.predictor.Predictor`` reads), read from MLmodel, never from a pickle."""
         import mlflow
 
-        from kdpipe.registry.pyfunc import ARTIFACT
+        from kdpipe.serving.pyfunc_model import ARTIFACT
 
         with self._errors(f"downloading version {version} of {name!r}"), quiet_downloads():
             local = Path(mlflow.artifacts.download_artifacts(

@@ -15,7 +15,7 @@ Writes ``out_dir`` atomically:
 - ``predicted_<model>.npy``: each teacher's predicted label ids (int64, one per row), for
   the students' agreement and the confusion plots;
 - ``teacher_onnx/`` and ``teacher_int8/`` (when ``teacher_int8`` is listed): exported
-  folders ``kdpipe.serve.Predictor`` reads (``kdpipe.evaluation.teacher_onnx``).
+  folders ``kdpipe.serving.predictor.Predictor`` reads (``kdpipe.evaluation.teacher_onnx``).
 """
 
 from __future__ import annotations
@@ -32,10 +32,17 @@ from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation import report
-from kdpipe.evaluation.scoring import (TEACHERS, add_teacher_ratios, check_inputs,
-                                       flat_metrics, model_names, new_document, read_rows,
-                                       score_models)
-from kdpipe.steps import StepResult
+from kdpipe.evaluation.scoring import (
+    TEACHERS,
+    add_teacher_ratios,
+    check_inputs,
+    flat_metrics,
+    model_names,
+    new_document,
+    read_rows,
+    score_models,
+)
+from kdpipe.step_result import StepResult
 from kdpipe.threads import torch_threads
 
 METRICS_FILE = "metrics.json"

@@ -8,9 +8,9 @@ matching, run alongside). Writes ``out_dir`` atomically: the student (``model.sa
 ``student.json``, see ``kdpipe.models.students``), the teacher's tokenizer, and
 ``distill.json`` (loss terms per logging interval, evaluations, the chosen model).
 
-The loss is a weighted sum of terms chosen in params.yaml (``kdpipe.losses.LossTerms``);
+The loss is a weighted sum of terms chosen in params.yaml (``kdpipe.training.losses.LossTerms``);
 each term is one entry of ``TERMS`` below, so adding a loss touches one function here and
-one in ``kdpipe.losses``. With ``distill.ema.weight > 0`` an exponential moving average of
+one in ``kdpipe.training.losses``. With ``distill.ema.weight > 0`` an exponential moving average of
 the student gives extra soft targets; it is evaluated too, and whichever of the two scores
 best on validation is saved.
 """
@@ -29,19 +29,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdpipe import distill_checkpoint, losses, trained_rows
 from kdpipe.atomic import atomic_dir, write_json
-from kdpipe.batching import bucketed_batches, pad_ids
 from kdpipe.config import Config
+from kdpipe.data.prepare import read_labels, read_split
 from kdpipe.errors import KdpipeError
-from kdpipe.metrics import accuracy_and_f1
+from kdpipe.evaluation.metrics import accuracy_and_f1
 from kdpipe.models.students import StudentOutput, build_student, count_parameters, save_student
 from kdpipe.models.teacher import load_tokenizer, quiet_transformers
-from kdpipe.optim import adamw
 from kdpipe.progress import progress_bar
-from kdpipe.steps import StepResult, fractionate, soft_labels
-from kdpipe.data.prepare import read_labels, read_split
+from kdpipe.serving.padding import pad_ids
+from kdpipe.step_result import StepResult
+from kdpipe.steps import fractionate, soft_labels
 from kdpipe.threads import torch_threads
+from kdpipe.training import distill_checkpoint, losses, trained_rows
+from kdpipe.training.batching import bucketed_batches
+from kdpipe.training.optim import adamw
 
 LogMetric = Callable[[str, float, int], None]
 LOG_EVERY = 50  # optimizer steps per point on the loss curves
@@ -97,7 +99,7 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
     """Distil ``cfg.student`` from the cached teacher outputs into ``out_dir``.
 
     With ``checkpoint_dir`` the state is saved after every epoch and a rerun resumes after
-    the last finished one (``kdpipe.distill_checkpoint``); it is deleted once ``out_dir``
+    the last finished one (``kdpipe.training.distill_checkpoint``); it is deleted once ``out_dir``
     is written.
 
     Metrics: ``val_accuracy``/``val_macro_f1`` of the saved model, ``epochs_run``,
@@ -191,7 +193,7 @@ def make_trainer(cfg: Config, data: TransferData, teacher_dir: Path, tokenizer: 
     d = cfg.distill
     student = build_student(cfg.student, len(data.label_names), teacher_dir, data.pad_id,
                             len(tokenizer))
-    if d.weight_decay == 0:  # see kdpipe.trained_rows for why not with decay
+    if d.weight_decay == 0:  # see kdpipe.training.trained_rows for why not with decay
         trained_rows.restrict(student, cfg.student.arch, data.ids)
     active = set(losses.LossTerms.for_epoch(d, d.epochs - 1).weights)
     needs_features = active & {"feature", "crd"}

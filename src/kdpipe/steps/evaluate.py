@@ -10,7 +10,7 @@ parameter, say) re-runs neither the teacher's export and quantization nor its ti
 
 Each model is scored on the split's first ``evaluate.max_rows`` rows (all when null):
 accuracy, macro-F1, per-class precision/recall/F1/support, the confusion matrix, the
-expected calibration error (``evaluate.ece_bins`` bins, see ``kdpipe.metrics``), agreement
+expected calibration error (``evaluate.ece_bins`` bins, see ``kdpipe.evaluation.metrics``), agreement
 with the teacher's predictions; then timed (``kdpipe.evaluation.latency``) at each of
 ``evaluate.latency_batch_sizes`` on ``evaluate.threads`` threads for PyTorch and ONNX
 Runtime alike; then sized (bytes of its folder's files; parameters, for ONNX the elements of
@@ -40,10 +40,18 @@ import numpy as np
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config
 from kdpipe.evaluation import report
-from kdpipe.evaluation.scoring import (TEACHERS, add_teacher_ratios, check_inputs,
-                                       flat_metrics, model_names, new_document, read_rows,
-                                       score_models)
-from kdpipe.steps import StepResult, baseline
+from kdpipe.evaluation.scoring import (
+    TEACHERS,
+    add_teacher_ratios,
+    check_inputs,
+    flat_metrics,
+    model_names,
+    new_document,
+    read_rows,
+    score_models,
+)
+from kdpipe.step_result import StepResult
+from kdpipe.steps import baseline
 from kdpipe.threads import torch_threads
 
 METRICS_FILE = "metrics.json"

@@ -23,7 +23,7 @@ whose module maps the tokenizer's ids through its ``vocab_remap`` buffer first) 
   ``export.tensorrt`` is on.
 
 Parity: every validation text goes through the exported folder exactly as a user's would
-(``kdpipe.serve.Predictor``: its tokenizer, batches and session) and the same token arrays
+(``kdpipe.serving.predictor.Predictor``: its tokenizer, batches and session) and the same token arrays
 through the PyTorch student. A max |logit difference| above ``export.parity_tolerance`` is
 a ``KdpipeError`` and nothing is written.
 """
@@ -41,18 +41,22 @@ import torch
 from torch import nn
 
 from kdpipe.atomic import atomic_dir, write_json
-from kdpipe.config import Config
-from kdpipe.errors import KdpipeError
-from kdpipe.onnx_utils import (
+from kdpipe.compression.onnx_export import (
     TORCHSCRIPT_MAX_OPSET,
-    LogitsOnly,
+    check_parity,
+    example_inputs,
     export_onnx,
+    parity_report,
     save_optimized,
     tensorrt_unavailable,
+    torch_logits,
 )
-from kdpipe.serve import BATCH_SIZE, MODEL_FILE, RECORD_FILE, Predictor, load_tokenizer
-from kdpipe.steps import StepResult
+from kdpipe.config import Config
 from kdpipe.data.prepare import read_labels, read_split
+from kdpipe.errors import KdpipeError
+from kdpipe.models.students import student_record
+from kdpipe.serving.predictor import BATCH_SIZE, MODEL_FILE, RECORD_FILE, Predictor, load_tokenizer
+from kdpipe.step_result import StepResult
 
 PLAN_FILE = "model.plan"
 RECORD_FORMAT = 1
@@ -114,17 +118,9 @@ def run(cfg: Config, model_dir: Path, prepared_dir: Path, out_dir: Path) -> Step
 def load_model(model_dir: Path) -> nn.Module:
     """The module of a distill or prune output folder, in eval mode, reading the tokenizer's
     own ids."""
-    from kdpipe.pruning import load_for_inference
+    from kdpipe.compression.pruning import load_for_inference
 
     return load_for_inference(model_dir)
-
-
-def student_record(model: nn.Module) -> dict[str, Any]:
-    """student.json of ``model``, or of the student inside it (a pruned model wraps one)."""
-    for module in model.modules():
-        if hasattr(module, "student_record"):
-            return module.student_record
-    raise KdpipeError(f"{type(model).__name__} holds no student record")
 
 
 def _read_prepared(prepared_dir: Path) -> tuple[list[str], list[str]]:
@@ -137,17 +133,6 @@ def _read_prepared(prepared_dir: Path) -> tuple[list[str], list[str]]:
         raise KdpipeError(f"{prepared_dir / 'validation.parquet'}: no rows to check the "
                           "export's parity on")
     return read_labels(prepared_dir), list(texts)
-
-
-def example_inputs(tokenizer: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two tokenized texts, right-padded, plus one more padding column, so the traced
-    example always holds padding (a model may skip its mask when it sees none)."""
-    rows = (texts * 2)[:2]
-    encoded = tokenizer(rows, truncation=True, max_length=32, padding=True,
-                        return_tensors="pt")
-    ids, mask = encoded["input_ids"].long(), encoded["attention_mask"].long()
-    pad = torch.full((2, 1), tokenizer.pad_token_id or 0, dtype=torch.long)
-    return torch.cat([ids, pad], 1), torch.cat([mask, torch.zeros_like(pad)], 1)
 
 
 def export_record(cfg: Config, model: nn.Module, model_dir: Path, onnx_path: Path) -> dict:
@@ -166,39 +151,6 @@ def export_record(cfg: Config, model: nn.Module, model_dir: Path, onnx_path: Pat
                          "onnxruntime": onnxruntime.__version__}}
 
 
-def torch_logits(model: nn.Module, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """The PyTorch student's logits (n, C) on the same token arrays the ONNX model got."""
-    module = LogitsOnly(model).eval()
-    with torch.inference_mode():
-        return np.concatenate([
-            module(torch.from_numpy(f["input_ids"]).long(),
-                   torch.from_numpy(f["attention_mask"]).long()).float().numpy()
-            for f in feeds])
-
-
-def parity_report(reference: np.ndarray, exported: np.ndarray,
-                  tolerance: float | None) -> dict[str, Any]:
-    """max/mean |Δlogit| and argmax agreement of ``exported`` against ``reference`` (n, C).
-    A NaN or infinity on either side counts as an infinite difference."""
-    diff = np.abs(reference.astype(np.float64) - exported.astype(np.float64))
-    diff[~np.isfinite(diff)] = np.inf
-    agreement = float((reference.argmax(1) == exported.argmax(1)).mean())
-    max_diff = float(diff.max())
-    return {"split": "validation", "rows": int(len(reference)), "max_abs_diff": max_diff,
-            "mean_abs_diff": float(diff.mean()), "label_agreement": agreement,
-            "tolerance": tolerance,
-            "passed": tolerance is None or bool(max_diff <= tolerance)}
-
-
-def check_parity(report: dict[str, Any], runtime: str, model_dir: Path) -> None:
-    if not report["passed"]:
-        raise KdpipeError(
-            f"export parity failed: {runtime} max |Δlogit| {report['max_abs_diff']:.3g} > "
-            f"export.parity_tolerance {report['tolerance']:g} over {report['rows']} "
-            f"validation texts (label agreement {report['label_agreement']:.2%}); the "
-            f"exported model does not reproduce {model_dir}")
-
-
 def tensorrt_engine(cfg: Config, onnx_path: Path, plan_path: Path,
                     feeds: list[dict[str, np.ndarray]],
                     reference: np.ndarray) -> tuple[str, dict[str, Any] | None]:
@@ -214,7 +166,7 @@ def tensorrt_engine(cfg: Config, onnx_path: Path, plan_path: Path,
     reason = tensorrt_unavailable()
     if reason is not None:
         return f"skipped: {reason}", None
-    from kdpipe.onnx_utils import build_tensorrt_engine
+    from kdpipe.compression.onnx_export import build_tensorrt_engine
 
     precision = cfg.export.tensorrt_precision
     logits, engine = build_tensorrt_engine(onnx_path, plan_path, precision, feeds,

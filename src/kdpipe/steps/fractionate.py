@@ -41,9 +41,10 @@ import numpy as np
 
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config, FractionateConfig
-from kdpipe.errors import KdpipeError
-from kdpipe.steps import StepResult, soft_labels
 from kdpipe.data.prepare import read_labels, read_split
+from kdpipe.errors import KdpipeError
+from kdpipe.step_result import StepResult
+from kdpipe.steps import soft_labels
 
 REPORT = "report.json"
 # Scores equal up to float rounding are ties (a row and its mirror image, [a, b] and [b, a],

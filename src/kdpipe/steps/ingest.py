@@ -19,7 +19,7 @@ from kdpipe.config import Config
 from kdpipe.data.prepare import SPLITS, Prepared, Split, prepare
 from kdpipe.data.sources import load_source
 from kdpipe.models.teacher import load_tokenizer
-from kdpipe.steps import StepResult
+from kdpipe.step_result import StepResult
 
 # Length statistics look at no more than this many tokens of a text: a 1 MB text would
 # otherwise cost seconds to tokenize only to be truncated at max_length anyway.

@@ -5,7 +5,7 @@ Reads ``student_dir`` (distill: the student and its tokenizer), ``prepared_dir``
 training texts whose tokens are kept; the validation split it is scored on) and
 ``soft_labels_dir`` (the teacher's logits, for the fine-tune). Writes ``out_dir`` atomically:
 the pruned student (``student/``, ``vocab_remap.safetensors``, ``pruning.json``; load it with
-``kdpipe.pruning.load_pruned``: it reads the tokenizer's original ids), the tokenizer, and
+``kdpipe.compression.pruning.load_pruned``: it reads the tokenizer's original ids), the tokenizer, and
 ``prune.json`` (parameters, vocabulary, sizes, sparsity and validation accuracy after each
 stage).
 """
@@ -21,17 +21,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdpipe import losses, pruning
 from kdpipe.atomic import atomic_dir, write_json
+from kdpipe.compression import pruning
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
-from kdpipe.metrics import accuracy_and_f1
+from kdpipe.evaluation.metrics import accuracy_and_f1
 from kdpipe.models.students import load_student
 from kdpipe.models.teacher import quiet_transformers
-from kdpipe.optim import adamw
 from kdpipe.progress import progress_bar
-from kdpipe.steps import StepResult, distill
+from kdpipe.step_result import StepResult
+from kdpipe.steps import distill
 from kdpipe.threads import torch_threads
+from kdpipe.training import losses
+from kdpipe.training.optim import adamw
 
 REPORT_FILE = "prune.json"
 

@@ -18,12 +18,11 @@ gate's every check, promoted or not, champion before and after) and ``model_card
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kdpipe import tracking
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
@@ -31,10 +30,16 @@ from kdpipe.evaluation.models import EXPORTED_KINDS
 from kdpipe.registry.card import CardFacts, model_card
 from kdpipe.registry.gate import KeyMetrics
 from kdpipe.registry.promotion import Promotion, evaluation_rows, promote
-from kdpipe.registry.store import (CHALLENGER, CHAMPION, TAG_PREFIX, metric_tags,
-                                   open_registry, quiet_downloads)
-from kdpipe.serve import LABELS_FILE, MODEL_FILE, RECORD_FILE, TORCH_DIR
-from kdpipe.steps import StepResult
+from kdpipe.registry.store import (
+    CHALLENGER,
+    CHAMPION,
+    TAG_PREFIX,
+    metric_tags,
+    open_registry,
+    quiet_downloads,
+)
+from kdpipe.serving.predictor import LABELS_FILE, MODEL_FILE, RECORD_FILE, TORCH_DIR
+from kdpipe.step_result import StepResult
 
 REGISTER_FILE = "register.json"
 CARD_FILE = "model_card.md"
@@ -62,8 +67,6 @@ def run(cfg: Config, candidate_dir: Path, evaluation_dir: Path, prepared_dir: Pa
     metrics that were measured (``accuracy``, ``macro_f1``, ``teacher_accuracy``,
     ``retention``, ``latency_b1_p50_ms``, ``size_bytes``).
     """
-    import mlflow
-
     from kdpipe.registry.pyfunc import log_model
 
     candidate_dir, evaluation_dir = Path(candidate_dir), Path(evaluation_dir)
@@ -79,9 +82,9 @@ def run(cfg: Config, candidate_dir: Path, evaluation_dir: Path, prepared_dir: Pa
     card = model_card(facts)
     registry = open_registry(cfg, create=True)
     name = cfg.registry.model_name
-    with _mlflow_run(cfg) as run_id, quiet_downloads():
+    with tracking.active_or_own_run(cfg, "register") as run_id, quiet_downloads():
         info = log_model(candidate_dir)
-        mlflow.log_text(card, CARD_FILE)
+        tracking.log_text(card, CARD_FILE)
     tags = {**metric_tags(metrics), **_provenance_tags(cfg, data_card, facts)}
     version = registry.register(name, info.model_uri, tags, card)
     registry.set_alias(name, CHALLENGER, version)
@@ -178,8 +181,8 @@ def _entry_for(candidate: str, models: dict[str, Any], folder: Path) -> str | No
 def _measure(cfg: Config, folder: Path, prepared_dir: Path) -> tuple[float, float]:
     import numpy as np
 
-    from kdpipe.metrics import accuracy_and_f1
-    from kdpipe.serve import Predictor
+    from kdpipe.evaluation.metrics import accuracy_and_f1
+    from kdpipe.serving.predictor import Predictor
 
     texts, gold = evaluation_rows(prepared_dir, cfg.evaluate.split, cfg.evaluate.max_rows)
     predictor = Predictor(folder, threads=cfg.evaluate.threads)
@@ -191,8 +194,6 @@ def _measure(cfg: Config, folder: Path, prepared_dir: Path) -> tuple[float, floa
 def _card_facts(cfg: Config, candidate_dir: Path, evaluation: dict[str, Any],
                 data_card: dict[str, Any], entry_name: str | None, metrics: KeyMetrics,
                 notes: list[str]) -> CardFacts:
-    from kdpipe.tracking import _git_commit
-
     record = _read_json(candidate_dir / RECORD_FILE)
     labels = _read_json(candidate_dir / LABELS_FILE).get("names") or []
     return CardFacts(
@@ -201,7 +202,7 @@ def _card_facts(cfg: Config, candidate_dir: Path, evaluation: dict[str, Any],
         student_arch=str(record.get("arch") or cfg.student.arch),
         quantization=_quantization(candidate_dir), max_length=record.get("max_length"),
         metrics=metrics, evaluation=evaluation, candidate_entry=entry_name,
-        params_hash=cfg.params_hash(), git_commit=_git_commit(), notes=notes)
+        params_hash=cfg.params_hash(), git_commit=tracking.git_commit(), notes=notes)
 
 
 def _quantization(folder: Path) -> str | None:
@@ -223,24 +224,6 @@ def _provenance_tags(cfg: Config, data_card: dict[str, Any], facts: CardFacts
     if facts.git_commit:
         tags["git_commit"] = facts.git_commit
     return {f"{TAG_PREFIX}{k}": v for k, v in tags.items()}
-
-
-@contextlib.contextmanager
-def _mlflow_run(cfg: Config) -> Iterator[str]:
-    """The active run (the CLI's step run), else a run of this step's own."""
-    import mlflow
-
-    from kdpipe import tracking
-
-    active = mlflow.active_run()
-    if active is not None:
-        yield active.info.run_id
-        return
-    experiment_id = tracking.configure(cfg)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="register",
-                          tags={"kdpipe.step": "register",
-                                "kdpipe.params_hash": cfg.params_hash()}) as run:
-        yield run.info.run_id
 
 
 def _check_inputs(candidate_dir: Path, evaluation_dir: Path, prepared_dir: Path) -> None:

@@ -16,17 +16,26 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe import softcache
 from kdpipe.atomic import atomic_dir, write_json
-from kdpipe.batching import length_sorted_batches, token_counts
 from kdpipe.config import Config
+from kdpipe.data.prepare import read_labels
 from kdpipe.errors import KdpipeError
 from kdpipe.models.teacher import load_tokenizer
-from kdpipe.steps import StepResult
-from kdpipe.data.prepare import read_labels
-from kdpipe.steps.soft_labels import (AUGMENT, MANIFEST, Labelled, _summary, cached, key_parts,
-                                      label_texts, load_teacher, texts_to_label,
-                                      validation_accuracy)
+from kdpipe.serving.padding import length_sorted_batches, token_counts
+from kdpipe.step_result import StepResult
+from kdpipe.steps.soft_labels import (
+    AUGMENT,
+    MANIFEST,
+    Labelled,
+    _summary,
+    cached,
+    key_parts,
+    label_texts,
+    load_teacher,
+    texts_to_label,
+    validation_accuracy,
+)
+from kdpipe.training import softcache
 
 
 def shard_rows(lengths: np.ndarray, batch_size: int, shard: int, num_shards: int) -> np.ndarray:

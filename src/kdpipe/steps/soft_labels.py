@@ -7,12 +7,12 @@ Outputs in ``out_dir`` (replaced atomically), rows in each split's original orde
 - ``{train,validation,test}_features.npy``: float32 ``(rows, hidden)``, the last hidden
   layer at position 0 ([CLS]), when ``soft_labels.features``;
 - when ``soft_labels.augment.enabled``, the augmented transfer set made from train
-  (``kdpipe.augment``; no gold labels): ``augment_logits.npy`` (+ ``augment_features.npy``),
+  (``kdpipe.training.augment``; no gold labels): ``augment_logits.npy`` (+ ``augment_features.npy``),
   ``augment_source.npy`` (int64, the train row each variant came from) and
   ``augment_texts.parquet`` (column ``text``);
 - ``manifest.json``: cache key and its parts, array shapes, cache hit, seconds, texts/s.
 
-The arrays live in a content-addressed cache (``kdpipe.softcache``) keyed by the teacher's
+The arrays live in a content-addressed cache (``kdpipe.training.softcache``) keyed by the teacher's
 weight and tokenizer files, the prepared data's content hash, max_length, the features flag,
 the augmentation settings and seed, and ``FORMAT_VERSION``. On a hit no model is loaded;
 the arrays are hard-linked (or copied) from the cache into ``out_dir``.
@@ -32,17 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe import softcache
 from kdpipe.atomic import atomic_dir, write_json
-from kdpipe.augment import make_variants
 from kdpipe.config import Config
-from kdpipe.data.prepare import SPLITS
+from kdpipe.data.prepare import SPLITS, read_labels, read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.models import teacher as teacher_model
 from kdpipe.models.teacher import load_tokenizer
 from kdpipe.progress import progress_bar
-from kdpipe.steps import StepResult
-from kdpipe.data.prepare import read_labels, read_split
+from kdpipe.step_result import StepResult
+from kdpipe.training import softcache
+from kdpipe.training.augment import make_variants
 
 log = logging.getLogger(__name__)
 

@@ -31,25 +31,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from kdpipe import checkpoints
 from kdpipe.atomic import atomic_dir, write_json
-from kdpipe.batching import bucketed_batches, encode, token_counts
 from kdpipe.config import Config, TeacherConfig
-from kdpipe.data.prepare import Split
+from kdpipe.data.prepare import Split, read_labels, read_split
 from kdpipe.errors import KdpipeError
-from kdpipe.metrics import accuracy_and_f1
+from kdpipe.evaluation.metrics import accuracy_and_f1
 from kdpipe.models.teacher import (
+    encode,
     load_teacher,
     load_tokenizer,
     no_decay_param_groups,
     predict_logits,
     quiet_transformers,
 )
-from kdpipe.optim import adamw
 from kdpipe.progress import progress_bar
-from kdpipe.steps import StepResult
-from kdpipe.data.prepare import read_labels, read_split
+from kdpipe.serving.padding import token_counts
+from kdpipe.step_result import StepResult
 from kdpipe.threads import torch_threads
+from kdpipe.training import checkpoints
+from kdpipe.training.batching import bucketed_batches
+from kdpipe.training.optim import adamw
 
 log = logging.getLogger(__name__)
 

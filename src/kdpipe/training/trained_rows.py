@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from kdpipe import pruning
+from kdpipe.compression import pruning
 
 
 class RowSubsetEmbedding(nn.Module):

@@ -42,9 +42,17 @@ from torch.nn.utils import skip_init
 from kdpipe.atomic import atomic_dir
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.models.students import (RECORD_FILE, STUDENTS, WEIGHTS_FILE, LoadWeights,
-                                    StudentOutput, load_student, principal_components,
-                                    save_student, strict_load)
+from kdpipe.models.students import (
+    RECORD_FILE,
+    STUDENTS,
+    WEIGHTS_FILE,
+    LoadWeights,
+    StudentOutput,
+    load_student,
+    principal_components,
+    save_student,
+    strict_load,
+)
 
 PRUNING_FILE = "pruning.json"
 VOCAB_REMAP_FILE = "vocab_remap.safetensors"

@@ -1,8 +1,8 @@
 """ONNX Runtime sessions, without PyTorch.
 
-Serving (``kdpipe.serve``, the MLflow pyfunc model) needs only this module, numpy and a
+Serving (``kdpipe.serving.predictor``, the MLflow pyfunc model) needs only this module, numpy and a
 tokenizer: importing it must never pull in torch, which costs seconds and gigabytes in a
-serving image. ``kdpipe.onnx_utils`` (the PyTorch side) re-exports these names.
+serving image. ``kdpipe.compression.onnx_export`` (the PyTorch side) re-exports these names.
 
 - ``import_onnxruntime()``: onnxruntime with its telemetry switched off;
 - ``ort_session``: a CPU ``InferenceSession`` at a graph optimisation level;

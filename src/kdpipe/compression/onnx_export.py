@@ -3,7 +3,7 @@
 - ``exportable(model)``: a copy of a student that returns logits only and that the
   TorchScript-based ONNX exporter can trace (the BiLSTM's ``pack_padded_sequence`` is swapped
   for ONNX LSTM nodes that take each row's length; see ``OnnxLSTM``).
-- ``ort_session`` / ``save_optimized`` / ``ORT_LEVELS``: re-exported from ``kdpipe.ort``,
+- ``ort_session`` / ``save_optimized`` / ``ORT_LEVELS``: re-exported from ``kdpipe.serving.ort``,
   the torch-free ONNX Runtime module that serving uses.
 - ``build_tensorrt_engine``: imports TensorRT itself, so call it only once
   ``tensorrt_unavailable()`` returned None.
@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from kdpipe.errors import KdpipeError
 
-# The ONNX Runtime half lives in kdpipe.ort (torch-free, for serving); its names stay
+# The ONNX Runtime half lives in kdpipe.serving.ort (torch-free, for serving); its names stay
 # importable from here.
-from kdpipe.ort import ORT_LEVELS, import_onnxruntime, ort_session, save_optimized  # noqa: F401
-from kdpipe.ort import first_line as _first_line
+from kdpipe.serving.ort import ORT_LEVELS, import_onnxruntime, ort_session, save_optimized  # noqa: F401
+from kdpipe.serving.ort import first_line as _first_line
 
 # The TorchScript exporter's newest opset (torch 2.13); newer ones are reached by converting
 # its graph with onnx.version_converter (it would otherwise stamp a newer number on opset-20
@@ -382,3 +382,47 @@ def _int8_calibrator(builder: Any, dtypes: dict[str, Any], feeds: list[dict[str,
             return None
 
     return profile, Calibrator()
+
+
+def example_inputs(tokenizer: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tokenized texts, right-padded, plus one more padding column, so the traced
+    example always holds padding (a model may skip its mask when it sees none)."""
+    rows = (texts * 2)[:2]
+    encoded = tokenizer(rows, truncation=True, max_length=32, padding=True,
+                        return_tensors="pt")
+    ids, mask = encoded["input_ids"].long(), encoded["attention_mask"].long()
+    pad = torch.full((2, 1), tokenizer.pad_token_id or 0, dtype=torch.long)
+    return torch.cat([ids, pad], 1), torch.cat([mask, torch.zeros_like(pad)], 1)
+
+
+def torch_logits(model: nn.Module, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """The PyTorch student's logits (n, C) on the same token arrays the ONNX model got."""
+    module = LogitsOnly(model).eval()
+    with torch.inference_mode():
+        return np.concatenate([
+            module(torch.from_numpy(f["input_ids"]).long(),
+                   torch.from_numpy(f["attention_mask"]).long()).float().numpy()
+            for f in feeds])
+
+
+def parity_report(reference: np.ndarray, exported: np.ndarray,
+                  tolerance: float | None) -> dict[str, Any]:
+    """max/mean |Δlogit| and argmax agreement of ``exported`` against ``reference`` (n, C).
+    A NaN or infinity on either side counts as an infinite difference."""
+    diff = np.abs(reference.astype(np.float64) - exported.astype(np.float64))
+    diff[~np.isfinite(diff)] = np.inf
+    agreement = float((reference.argmax(1) == exported.argmax(1)).mean())
+    max_diff = float(diff.max())
+    return {"split": "validation", "rows": int(len(reference)), "max_abs_diff": max_diff,
+            "mean_abs_diff": float(diff.mean()), "label_agreement": agreement,
+            "tolerance": tolerance,
+            "passed": tolerance is None or bool(max_diff <= tolerance)}
+
+
+def check_parity(report: dict[str, Any], runtime: str, model_dir: Path) -> None:
+    if not report["passed"]:
+        raise KdpipeError(
+            f"export parity failed: {runtime} max |Δlogit| {report['max_abs_diff']:.3g} > "
+            f"export.parity_tolerance {report['tolerance']:g} over {report['rows']} "
+            f"validation texts (label agreement {report['label_agreement']:.2%}); the "
+            f"exported model does not reproduce {model_dir}")

@@ -11,7 +11,7 @@ nor the training folders: copy it anywhere and point a Predictor at it::
     [p.to_dict() for p in predictor.predict(texts)]       # JSON-ready
 
 A quantize output made with ``quantize.method=torch_dynamic`` holds a ``torch`` folder (an
-int8 PyTorch student, ``kdpipe.torch_int8``) instead of ``model.onnx``; the Predictor runs
+int8 PyTorch student, ``kdpipe.compression.torch_int8``) instead of ``model.onnx``; the Predictor runs
 it with PyTorch, the rest is the same.
 """
 
@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe.batching import pad_ids
 from kdpipe.errors import KdpipeError
-from kdpipe.ort import ort_session
-from kdpipe.word_cache import WordCache
+from kdpipe.serving.ort import ort_session
+from kdpipe.serving.padding import pad_ids
+from kdpipe.serving.word_cache import WordCache
 
 MODEL_FILE = "model.onnx"
 # In place of model.onnx: a student int8-quantized by PyTorch (quantize.method torch_dynamic,
-# kdpipe.torch_int8), served by PyTorch.
+# kdpipe.compression.torch_int8), served by PyTorch.
 TORCH_DIR = "torch"
 LABELS_FILE = "labels.json"
 RECORD_FILE = "export.json"
@@ -104,7 +104,9 @@ class Predictor:
         # A torch_dynamic int8 student: served by PyTorch, not ONNX Runtime.
         self.on_torch = self.model_path.name == TORCH_DIR
         if self.on_torch:
-            from kdpipe.torch_int8 import TorchSession  # the one backend that needs PyTorch
+            from kdpipe.compression.torch_int8 import (
+                TorchSession,  # the one backend that needs PyTorch
+            )
 
             self.session: Any = TorchSession(self.model_path, threads)
         else:
@@ -113,7 +115,7 @@ class Predictor:
         self._check_graph()
         self.backend = (fast_backend(self.tokenizer, self.max_length)
                         if set(self.inputs) <= set(_ENCODING_FIELDS) else None)
-        # Ids per memoised word (exact, for BERT tokenizers; kdpipe.word_cache) where the
+        # Ids per memoised word (exact, for BERT tokenizers; kdpipe.serving.word_cache) where the
         # model needs nothing but ids and the mask (the students, a teacher exported without
         # token_type_ids).
         self.words = (WordCache.wrap(self.backend) if self.backend is not None

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from kdpipe.errors import KdpipeError
-from kdpipe.serve import TOKENIZER_CONFIG, TOKENIZER_FILE, VOCABULARY_FILES
+from kdpipe.serving.predictor import TOKENIZER_CONFIG, TOKENIZER_FILE, VOCABULARY_FILES
 
 INT8_RECORD = "int8.json"
 RECORD_FORMAT = 1
@@ -147,8 +147,8 @@ def load_int8_tensors(module: nn.Module, tensors: dict[str, Tensor], where: Path
 
 def weights_file(folder: Path) -> Path:
     """The student weights file of a distill or prune output folder."""
+    from kdpipe.compression.pruning import PRUNING_FILE, STUDENT_DIR
     from kdpipe.models.students import WEIGHTS_FILE
-    from kdpipe.pruning import PRUNING_FILE, STUDENT_DIR
 
     folder = Path(folder)
     inner = folder / STUDENT_DIR if (folder / PRUNING_FILE).is_file() else folder
@@ -157,7 +157,7 @@ def weights_file(folder: Path) -> Path:
 
 def inner_student(module: nn.Module) -> nn.Module:
     """The student a ``PrunedStudent`` wraps (or ``module`` itself)."""
-    from kdpipe.pruning import PrunedStudent
+    from kdpipe.compression.pruning import PrunedStudent
 
     return module.student if isinstance(module, PrunedStudent) else module
 
@@ -169,7 +169,7 @@ def save(student_dir: Path, out: Path) -> dict[str, Any]:
 
     from safetensors.torch import save_file
 
-    from kdpipe.pruning import load_for_inference
+    from kdpipe.compression.pruning import load_for_inference
 
     module = load_for_inference(student_dir)
     student = inner_student(module)
@@ -191,7 +191,7 @@ def save(student_dir: Path, out: Path) -> dict[str, Any]:
 
 def load(folder: Path) -> nn.Module:
     """The int8 student ``save`` wrote to ``folder``, in eval mode."""
-    from kdpipe.pruning import load_for_inference
+    from kdpipe.compression.pruning import load_for_inference
 
     folder = Path(folder)
     if not (folder / INT8_RECORD).is_file():
@@ -222,12 +222,12 @@ class _Port(NamedTuple):
 
 class TorchSession:
     """The int8 student in ``folder`` (written by ``save``) behind the part of ONNX Runtime's
-    ``InferenceSession`` interface that ``kdpipe.serve.Predictor`` uses: ``get_inputs``,
+    ``InferenceSession`` interface that ``kdpipe.serving.predictor.Predictor`` uses: ``get_inputs``,
     ``get_outputs``, ``run(["logits"], feed)``. ``threads``: torch CPU threads for each
     call (None: torch's setting as it is), restored after the call."""
 
     def __init__(self, folder: Path, threads: int | None = None) -> None:
-        from kdpipe.onnx_utils import LogitsOnly
+        from kdpipe.compression.onnx_export import LogitsOnly
 
         student = load(folder)
         self.module = LogitsOnly(student).eval()

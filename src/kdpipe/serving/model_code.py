@@ -7,6 +7,6 @@ be imported otherwise.
 
 from mlflow.models import set_model
 
-from kdpipe.registry.pyfunc import TextClassifier
+from kdpipe.serving.pyfunc_model import TextClassifier
 
 set_model(TextClassifier())

@@ -1,8 +1,8 @@
-"""Batches of similar-length texts, so dynamic padding pads little.
+"""Padding for inference: batches of similar-length texts, so dynamic padding pads little.
 
 Most texts in a classification set are far shorter than max_length; padding every batch to
-max_length spends most of the compute on padding. Inference sorts by length outright;
-training sorts within random buckets so batches stay shuffled across an epoch.
+max_length spends most of the compute on padding. Inference sorts by length outright
+(training's shuffled buckets are ``kdpipe.training.batching``).
 """
 
 from __future__ import annotations
@@ -27,24 +27,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.nd
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def bucketed_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator,
-                     bucket_size: int = 50) -> list[np.ndarray]:
-    """Shuffled index batches of similar length (for training).
-
-    Shuffle, cut into buckets of ``bucket_size * batch_size``, sort each bucket by length,
-    cut it into batches, then shuffle the batches. Every index appears exactly once.
-    """
-    lengths = np.asarray(lengths)
-    order = rng.permutation(len(lengths))
-    span = batch_size * bucket_size
-    batches = []
-    for start in range(0, len(order), span):
-        bucket = order[start : start + span]
-        bucket = bucket[np.argsort(lengths[bucket], kind="stable")]
-        batches.extend(bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
 def pad_ids(rows: Sequence[Sequence[int]], pad_id: int,
             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token id lists right-padded to the longest (or to ``width``): ids (B, L) int64 and
@@ -56,9 +38,3 @@ def pad_ids(rows: Sequence[Sequence[int]], pad_id: int,
     # One numpy call per batch; a tensor per row took 1.1 ms a batch of 64 in distill.
     ids[mask] = np.fromiter(chain.from_iterable(rows), np.int64, int(lengths.sum()))
     return ids, mask
-
-
-def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Any]:
-    """Tokenize one batch, padded to its longest text (dynamic padding), as torch tensors."""
-    return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                     return_tensors="pt")

@@ -1,4 +1,4 @@
-"""Distillation resumes after its last finished epoch (``kdpipe.checkpoints`` conventions).
+"""Distillation resumes after its last finished epoch (``kdpipe.training.checkpoints`` conventions).
 
 Saved at the end of every epoch but the last: the student, its projection heads, the EMA copy,
 the best model so far, optimizer and schedule, torch's RNG, the CRD memory bank, and the
@@ -11,17 +11,18 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from kdpipe import checkpoints
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config
+from kdpipe.training import checkpoints
 
-if TYPE_CHECKING:
-    from kdpipe.steps.distill import Trainer
+# The distill step's ``Trainer`` (kdpipe.steps.distill): not imported, as training code sits
+# below the steps; what is read and written of it is listed in the module docstring.
+Trainer = Any
 
 FORMAT = 1
 RUN_ONLY_SETTINGS = {"num_threads"}
