@@ -45,7 +45,7 @@ def distill_step_ms(cfg, data, teacher_dir, tokenizer, fused: bool, steps: int,
     torch.manual_seed(cfg.seed)
     t = distill.make_trainer(cfg, data, teacher_dir, tokenizer, steps)
     if not reachable:
-        t.student = trained_rows.merge(t.student, cfg.student.arch)
+        t.student = trained_rows.merge(t.student)
     params = list(t.student.parameters())
     t.optimizer = torch.optim.AdamW(params, lr=cfg.distill.lr, fused=fused or None)
     indices, weights = fractionate.load(cfg.paths.fractions, 0)

@@ -80,7 +80,7 @@ def test_vocabulary_pruning_keeps_outputs_and_maps_unseen_ids_to_unk(arch, tiny_
     kept = kept_for(tokenizer, TRAIN)
     pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id)
 
-    embedding = pruning.ARCHS[arch].embedding(model.student)
+    embedding = model.student.get_input_embeddings()
     assert embedding.num_embeddings == len(kept)
     assert model.vocab_remap.shape == (len(tokenizer),)
     assert model.vocab_remap[kept].tolist() == list(range(len(kept)))
@@ -107,7 +107,7 @@ def test_unseen_ids_read_their_nearest_kept_word(arch, tiny_bert, tokenizer):
     original = make(arch, tiny_bert, tokenizer)
     nasty, bad, awful = tokenizer.convert_tokens_to_ids(["nasty", "bad", "awful"])
     for m in (model, original):  # "nasty" points the way "bad" does, "awful" the other way
-        weight = pruning.ARCHS[arch].embedding(m.student).weight
+        weight = m.student.get_input_embeddings().weight
         with torch.no_grad():
             weight[nasty] = 3.0 * weight[bad]
             weight[awful] = -weight[bad]
@@ -129,7 +129,7 @@ def test_unseen_ids_read_their_nearest_kept_word(arch, tiny_bert, tokenizer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_unseen_ids_read_their_own_row_at_the_given_rank(arch, tiny_bert, tokenizer, tmp_path):
     original = make(arch, tiny_bert, tokenizer)
-    weight = pruning.ARCHS[arch].embedding(original.student).weight.detach()
+    weight = original.student.get_input_embeddings().weight.detach()
     width = weight.shape[1]
     kept = kept_for(tokenizer, TRAIN)
     dropped = [i for i in range(len(tokenizer)) if i not in kept]
@@ -149,7 +149,7 @@ def test_unseen_ids_read_their_own_row_at_the_given_rank(arch, tiny_bert, tokeni
     center = rows.mean(0)
     _, _, vh = torch.linalg.svd(rows - center, full_matrices=False)
     expected = ((rows - center) @ vh[:3].T @ vh[:3] + center).float()
-    embedding = pruning.ARCHS[arch].embedding(model.student)
+    embedding = model.student.get_input_embeddings()
     with torch.no_grad():
         got = embedding(model.vocab_remap[torch.tensor(dropped + kept)])
     torch.testing.assert_close(got[:len(dropped)], expected, atol=1e-5, rtol=0)
@@ -307,7 +307,7 @@ def test_magnitude_pruning_reaches_the_sparsity_permanently(arch, tiny_bert, tok
     model = make(arch, tiny_bert, tokenizer)
     weights = [getattr(m, n) for m, n in pruning.prunable_weights(model)]
     magnitudes = torch.cat([w.detach().abs().flatten() for w in weights])
-    embedding = pruning.ARCHS[arch].embedding(model.student).weight.detach().clone()
+    embedding = model.student.get_input_embeddings().weight.detach().clone()
 
     pruning.prune_magnitude(model, 0.6)
     pruned = torch.cat([getattr(m, n).detach().flatten()
@@ -316,7 +316,7 @@ def test_magnitude_pruning_reaches_the_sparsity_permanently(arch, tiny_bert, tok
     assert int(zero.sum()) == round(0.6 * magnitudes.numel())
     assert pruning.weight_sparsity(model) == pytest.approx(0.6, abs=1 / magnitudes.numel())
     assert magnitudes[zero].max() <= magnitudes[~zero].min()  # the smallest went
-    assert torch.equal(pruning.ARCHS[arch].embedding(model.student).weight, embedding)
+    assert torch.equal(model.student.get_input_embeddings().weight, embedding)
     names = [*model.state_dict(), *(n for n, _ in model.named_buffers())]
     assert not [n for n in names if n.endswith(("_orig", "_mask"))]
     assert not any(m._forward_pre_hooks for m in model.modules())
@@ -381,7 +381,7 @@ def test_step_writes_a_folder_that_reloads_to_the_same_pruned_model(pipeline, tm
     kept = kept_for(tokenizer, train)
     expected = pruning.PrunedStudent(load_student(student_dir))
     pruning.prune_vocabulary(expected, kept, tokenizer.unk_token_id, own_rank=4)
-    assert isinstance(pruning.ARCHS[arch].embedding(loaded.student), pruning.FallbackEmbedding)
+    assert isinstance(loaded.student.get_input_embeddings(), pruning.FallbackEmbedding)
     pruning.prune_structure(expected, 0.5)
     pruning.prune_magnitude(expected, 0.3)
     texts, labels = _validation(cfg, tokenizer)
@@ -398,7 +398,7 @@ def test_step_writes_a_folder_that_reloads_to_the_same_pruned_model(pipeline, tm
     assert m["params_before"] == count_parameters(load_student(student_dir))
     assert m["params_after"] < m["params_before"]
     # The kept rows whole, the dropped ones at a lower rank (+ the basis and centre).
-    width = pruning.ARCHS[arch].embedding(loaded.student).embedding_dim
+    width = loaded.student.get_input_embeddings().embedding_dim
     dropped = len(tokenizer) - len(kept)
     rank = min(4, dropped)  # the rank is never above the number of dropped rows
     assert report["params"]["before"]["embedding"] == len(tokenizer) * width
@@ -433,7 +433,7 @@ def test_step_fine_tune_keeps_pruned_weights_at_zero(pipeline, tmp_path, tiny_be
     train = read_split(cfg.paths.prepared / "train.parquet").texts
     pruning.prune_vocabulary(expected, kept_for(tokenizer, train), tokenizer.unk_token_id,
                              own_rank=2)
-    got, want = (pruning.ARCHS["textcnn"].embedding(m.student) for m in (loaded, expected))
+    got, want = (m.student.get_input_embeddings() for m in (loaded, expected))
     assert isinstance(got, pruning.FallbackEmbedding)
     for name in ("unseen", "basis", "center"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
@@ -480,7 +480,7 @@ def test_step_tops_the_vocabulary_up_with_exact_rows(pipeline, tmp_path, tiny_be
     assert (report["vocabulary"]["seen_in_train"], report["vocabulary"]["added_common"]) == (
         len(seen), 1)
     loaded, original = pruning.load_pruned(tmp_path / "pruned"), load_student(student_dir)
-    rows = pruning.ARCHS["bilstm"].embedding(loaded.student).num_embeddings
+    rows = loaded.student.get_input_embeddings().num_embeddings
     assert loaded.vocab_remap[lovely] < rows <= loaded.vocab_remap[nasty]
     ids = tokenizer("the lovely film")["input_ids"]
     torch.testing.assert_close(run_ids(loaded, ids), run_ids(original, ids), atol=1e-6, rtol=0)

@@ -16,17 +16,16 @@ from safetensors.torch import load_file
 
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.models import students
+from kdpipe.models import teacher_vectors
 from kdpipe.models.students import (
     RECORD_FILE,
     WEIGHTS_FILE,
     build_student,
     count_parameters,
     load_student,
-    pca_project,
     save_student,
-    teacher_token_vectors,
 )
+from kdpipe.models.teacher_vectors import pca_project, teacher_token_vectors
 
 ARCHS = ["textcnn", "bilstm", "transformer"]
 SMALL = {  # widest filter 4 > the 3 tokens of "[CLS] good [SEP]": the short-text path runs
@@ -172,7 +171,7 @@ def alone_hidden_state(teacher: Path, tokenizer, token: int, layer: int) -> torc
 @pytest.mark.parametrize("layer", [1, 2])
 def test_layer_vectors_are_each_tokens_hidden_state_run_alone(layer, tiny_bert, tokenizer,
                                                               monkeypatch):
-    monkeypatch.setattr(students, "TOKEN_BATCH", 7)  # several batches, the last one short
+    monkeypatch.setattr(teacher_vectors, "TOKEN_BATCH", 7)  # several batches, the last one short
     vectors = teacher_token_vectors(tiny_bert, layer)
     assert vectors.shape == teacher_word_matrix(tiny_bert).shape
     for token in [0, tokenizer.convert_tokens_to_ids("good"), len(tokenizer) - 1]:

@@ -8,7 +8,6 @@ import pytest
 import torch
 from test_distill import _config, _distill, pipeline_dir  # noqa: F401 (a fixture)
 
-from kdpipe.compression import pruning
 from kdpipe.config import StudentConfig
 from kdpipe.models.students import build_student, load_student
 from kdpipe.models.teacher import load_tokenizer
@@ -52,21 +51,21 @@ def test_restricted_training_equals_full_table_training(arch, tiny_bert, tiny_to
     full = _train(_student(arch, tiny_bert, tiny_tokenizer), batches)
     restricted = _student(arch, tiny_bert, tiny_tokenizer)
     reached = [ids for b in batches for ids in b["input_ids"].tolist()]
-    trained_rows.restrict(restricted, arch, reached)
-    embedding = pruning.ARCHS[arch].embedding(restricted)
+    trained_rows.restrict(restricted, reached)
+    embedding = restricted.get_input_embeddings()
     assert isinstance(embedding, trained_rows.RowSubsetEmbedding)
     distinct = set(sum(reached, [])) - {tiny_tokenizer.pad_token_id}
     assert embedding.weight.shape == (len(distinct), embedding.embedding_dim)
     _train(restricted, batches)
-    merged = trained_rows.merge(restricted, arch)
-    assert type(pruning.ARCHS[arch].embedding(merged)) is torch.nn.Embedding
+    merged = trained_rows.merge(restricted)
+    assert type(merged.get_input_embeddings()) is torch.nn.Embedding
     want, got = full.state_dict(), merged.state_dict()
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
     # ...and the training did move the reached rows.
-    before = pruning.ARCHS[arch].embedding(_student(arch, tiny_bert, tiny_tokenizer)).weight
-    after = pruning.ARCHS[arch].embedding(merged).weight
+    before = _student(arch, tiny_bert, tiny_tokenizer).get_input_embeddings().weight
+    after = merged.get_input_embeddings().weight
     moved = (after - before).abs().sum(1) > 0
     assert set(moved.nonzero().flatten().tolist()) == distinct
 
@@ -74,7 +73,7 @@ def test_restricted_training_equals_full_table_training(arch, tiny_bert, tiny_to
 def test_an_unreached_id_reads_its_frozen_row(tiny_bert, tiny_tokenizer):
     student = _student("bilstm", tiny_bert, tiny_tokenizer)
     original = student.embedding.weight.detach().clone()
-    trained_rows.restrict(student, "bilstm", [tiny_tokenizer("good film")["input_ids"]])
+    trained_rows.restrict(student, [tiny_tokenizer("good film")["input_ids"]])
     every = torch.arange(len(tiny_tokenizer)).unsqueeze(0)
     assert torch.equal(student.embedding(every)[0], original)
     assert student.embedding(every)[0].requires_grad
@@ -84,8 +83,8 @@ def test_distill_trains_only_reachable_rows_without_weight_decay(pipeline_dir, t
                                                                 monkeypatch):
     restricted = []
     restrict = trained_rows.restrict
-    monkeypatch.setattr(trained_rows, "restrict", lambda student, arch, ids: (
-        restricted.append(arch), restrict(student, arch, ids)))
+    monkeypatch.setattr(trained_rows, "restrict", lambda student, ids: (
+        restricted.append(student.arch), restrict(student, ids)))
     cfg, fractions = _config(pipeline_dir, tmp_path, epochs=1, student={"arch": "bilstm"})
     _distill(cfg, fractions, tmp_path / "plain")
     assert restricted == ["bilstm"]

@@ -12,8 +12,8 @@ Three kinds, each a function that changes a ``PrunedStudent`` in place:
 - ``prune_magnitude``: global magnitude pruning of Linear / Conv1d / LSTM weights
   (``torch.nn.utils.prune``), made permanent; the tensors keep their shapes, with zeros.
 
-Each architecture's part (where its embedding is, how it shrinks, what its sizes are) is one
-``ArchPruning`` entry of ``ARCHS``. A pruned folder (``save_pruned`` / ``write_pruned``,
+What differs between architectures (where the embedding is, how it shrinks, what its sizes
+are) each student answers itself (``kdpipe.models.base.Student``). A pruned folder (``save_pruned`` / ``write_pruned``,
 ``load_pruned``) holds:
 
 - ``student/``: the inner student as ``save_student`` writes it (it reads NEW token ids, so it
@@ -29,8 +29,7 @@ Each architecture's part (where its embedding is, how it shrinks, what its sizes
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +41,17 @@ from torch.nn.utils import skip_init
 from kdpipe.atomic import atomic_dir
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
+from kdpipe.models.base import Student, StudentOutput
 from kdpipe.models.students import (
     RECORD_FILE,
-    STUDENTS,
     WEIGHTS_FILE,
     LoadWeights,
-    StudentOutput,
     load_student,
-    principal_components,
+    rebuild_student,
     save_student,
     strict_load,
 )
+from kdpipe.models.teacher_vectors import principal_components
 
 PRUNING_FILE = "pruning.json"
 VOCAB_REMAP_FILE = "vocab_remap.safetensors"
@@ -69,7 +68,7 @@ class PrunedStudent(nn.Module):
     vocabulary was not pruned.
     """
 
-    def __init__(self, student: nn.Module, vocab_remap: Tensor | None = None) -> None:
+    def __init__(self, student: Student, vocab_remap: Tensor | None = None) -> None:
         super().__init__()
         self.student = student
         self.register_buffer("vocab_remap", vocab_remap)
@@ -120,8 +119,7 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
         raise ValueError("prune_vocabulary: own_rank and nearest_among exclude each other")
     if model.vocab_remap is not None:
         raise ValueError("prune_vocabulary: the vocabulary is already pruned")
-    arch = ARCHS[model.arch]
-    old = arch.embedding(model.student)
+    old = model.student.get_input_embeddings()
     rows = torch.tensor(sorted(set(kept)), dtype=torch.long)
     if rows.numel() == 0 or rows[0] < 0 or rows[-1] >= old.num_embeddings:
         raise ValueError(f"kept ids must lie in 0..{old.num_embeddings - 1}")
@@ -152,7 +150,7 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
                         device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(old.weight[rows])
-    arch.set_embedding(model.student, new)
+    model.student.set_input_embeddings(new)
     record = model.student.student_record
     record["vocab_size"] = rows.numel()
     if pad is not None:
@@ -213,236 +211,16 @@ def nearest_rows(weight: Tensor, queries: Tensor, targets: Tensor, chunk: int = 
 
 
 def prune_structure(model: PrunedStudent, fraction: float) -> None:
-    """Remove the lowest-L1 ``fraction`` of the arch's units (at least one kept per group)
-    by building smaller modules; the student record follows the new sizes."""
+    """Remove the lowest-L1 ``fraction`` of the student's units (at least one kept per
+    group) by building smaller modules (``Student.shrink``); the student record follows."""
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction: expected in [0, 1), got {fraction}")
-    ARCHS[model.arch].shrink(model.student, fraction)
-
-
-def kept_count(n: int, fraction: float) -> int:
-    """How many of ``n`` units survive removing ``fraction`` of them (at least one)."""
-    return max(1, round(n * (1 - fraction)))
-
-
-def strongest(scores: Tensor, keep: int) -> Tensor:
-    """Indices of the ``keep`` largest ``scores``, in increasing index order (so kept units
-    keep their relative order)."""
-    return scores.topk(keep).indices.sort().values
+    model.student.shrink(fraction)
 
 
 def structured_sizes(model: PrunedStudent) -> dict[str, Any]:
     """The arch's prunable sizes, e.g. ``{"num_filters": 100, "filter_sizes": [3, 4, 5]}``."""
-    return ARCHS[model.arch].sizes(model.student)
-
-
-def _filled(new: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
-    """``new`` (made with ``skip_init``) holding ``weight`` and ``bias``."""
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
-
-
-def _linear_rows(linear: nn.Linear, rows: Tensor) -> nn.Linear:
-    """A Linear computing only the output features ``rows`` of ``linear``."""
-    new = skip_init(nn.Linear, linear.in_features, rows.numel(), bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    return _filled(new, linear.weight[rows], None if linear.bias is None else linear.bias[rows])
-
-
-def _linear_columns(linear: nn.Linear, columns: Tensor) -> nn.Linear:
-    """A Linear reading only the input features ``columns`` of ``linear`` (same outputs)."""
-    new = skip_init(nn.Linear, columns.numel(), linear.out_features,
-                    bias=linear.bias is not None, device=linear.weight.device,
-                    dtype=linear.weight.dtype)
-    return _filled(new, linear.weight[:, columns], linear.bias)
-
-
-def _conv_rows(conv: nn.Conv1d, rows: Tensor) -> nn.Conv1d:
-    """A Conv1d with only the output channels ``rows`` of ``conv`` (groups must be 1)."""
-    new = skip_init(nn.Conv1d, conv.in_channels, rows.numel(), conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, bias=conv.bias is not None,
-                    device=conv.weight.device, dtype=conv.weight.dtype)
-    return _filled(new, conv.weight[rows], None if conv.bias is None else conv.bias[rows])
-
-
-def _shrink_textcnn(student: nn.Module, fraction: float) -> None:
-    # Same count per width, so student.json's single num_filters still describes the module.
-    n = student.convs[0].out_channels
-    keep = kept_count(n, fraction)
-    columns = []
-    for i, conv in enumerate(student.convs):
-        rows = strongest(conv.weight.detach().abs().sum(dim=(1, 2)), keep)
-        student.convs[i] = _conv_rows(conv, rows)
-        columns.append(i * n + rows)  # features are the widths' pooled filters, concatenated
-    student.classifier = _linear_columns(student.classifier, torch.cat(columns))
-    student.feature_dim = keep * len(student.convs)
-    student.student_record["student"]["textcnn"]["num_filters"] = keep
-
-
-def _lstm_weight(lstm: nn.LSTM, kind: str, layer: int, direction: str) -> Tensor:
-    return getattr(lstm, f"{kind}_l{layer}{direction}")
-
-
-def _shrink_bilstm(student: nn.Module, fraction: float) -> None:
-    """Units chosen per (layer, direction), by the L1 of their rows of all four gates in
-    weight_ih and weight_hh; the same count everywhere (nn.LSTM has one hidden_size)."""
-    lstm: nn.LSTM = student.lstm
-    hidden = lstm.hidden_size
-    keep = kept_count(hidden, fraction)
-    directions = ["", "_reverse"]
-    units = {}
-    for layer in range(lstm.num_layers):
-        for d in directions:
-            rows = (_lstm_weight(lstm, "weight_ih", layer, d).detach().abs().sum(1)
-                    + _lstm_weight(lstm, "weight_hh", layer, d).detach().abs().sum(1))
-            units[layer, d] = strongest(rows.view(4, hidden).sum(0), keep)  # gates i, f, g, o
-    # skip_init cannot see nn.LSTM's device argument; its draws are all overwritten below
-    # and made on a forked RNG, so the caller's random stream stays as it was.
-    with torch.random.fork_rng(devices=[]):
-        new = nn.LSTM(lstm.input_size, keep, num_layers=lstm.num_layers, bias=lstm.bias,
-                      batch_first=lstm.batch_first, dropout=lstm.dropout, bidirectional=True,
-                      device=lstm.weight_ih_l0.device, dtype=lstm.weight_ih_l0.dtype)
-
-    def both(layer: int) -> Tensor:  # a layer's output: [forward units; backward units]
-        return torch.cat([units[layer, ""], hidden + units[layer, "_reverse"]])
-
-    with torch.no_grad():
-        for (layer, d), kept in units.items():
-            gate_rows = (torch.arange(4).unsqueeze(1) * hidden + kept).flatten()
-            inputs = both(layer - 1) if layer else torch.arange(lstm.input_size)
-            _lstm_weight(new, "weight_ih", layer, d).copy_(
-                _lstm_weight(lstm, "weight_ih", layer, d)[gate_rows][:, inputs])
-            _lstm_weight(new, "weight_hh", layer, d).copy_(
-                _lstm_weight(lstm, "weight_hh", layer, d)[gate_rows][:, kept])
-            if lstm.bias:
-                for kind in ("bias_ih", "bias_hh"):
-                    _lstm_weight(new, kind, layer, d).copy_(
-                        _lstm_weight(lstm, kind, layer, d)[gate_rows])
-    new.flatten_parameters()
-    new.train(lstm.training)  # its dropout between layers must not switch on in eval mode
-    student.lstm = new
-    student.classifier = _linear_columns(student.classifier, both(lstm.num_layers - 1))
-    student.feature_dim = 2 * keep
-    student.student_record["student"]["bilstm"]["hidden_size"] = keep
-
-
-def _bert_layers(student: nn.Module) -> nn.ModuleList:
-    return student.model.bert.encoder.layer
-
-
-def _keep_heads(layer: nn.Module, heads: Tensor) -> None:
-    """Keep attention heads ``heads`` of a BertLayer: their Q/K/V rows and O columns.
-    (``prune_heads`` is gone from transformers 5; BertSelfAttention reshapes with -1 heads,
-    so smaller Q/K/V Linears are all it needs.)"""
-    attention = layer.attention.self
-    size = attention.attention_head_size
-    rows = (heads.unsqueeze(1) * size + torch.arange(size)).flatten()
-    for name in ("query", "key", "value"):
-        setattr(attention, name, _linear_rows(getattr(attention, name), rows))
-    layer.attention.output.dense = _linear_columns(layer.attention.output.dense, rows)
-    attention.num_attention_heads = heads.numel()
-    attention.all_head_size = rows.numel()
-
-
-def _keep_neurons(layer: nn.Module, neurons: Tensor) -> None:
-    """Keep FFN intermediate neurons ``neurons`` of a BertLayer."""
-    layer.intermediate.dense = _linear_rows(layer.intermediate.dense, neurons)
-    layer.output.dense = _linear_columns(layer.output.dense, neurons)
-
-
-def _head_scores(layer: nn.Module) -> Tensor:
-    """L1 of each head's rows of Q, K, V and its columns of the output projection: (heads,)."""
-    attention = layer.attention.self
-    size = attention.attention_head_size
-    heads = attention.num_attention_heads
-    score = sum(getattr(attention, name).weight.detach().abs().view(heads, -1).sum(1)
-                for name in ("query", "key", "value"))
-    out = layer.attention.output.dense.weight.detach().abs()  # (hidden, heads * size)
-    return score + out.view(out.shape[0], heads, size).sum(dim=(0, 2))
-
-
-def _shrink_transformer(student: nn.Module, fraction: float) -> None:
-    """Per layer: the lowest-L1 heads (Q/K/V/O) and FFN neurons (intermediate rows) go."""
-    config = student.model.config
-    for layer in _bert_layers(student):
-        heads = layer.attention.self.num_attention_heads
-        _keep_heads(layer, strongest(_head_scores(layer), kept_count(heads, fraction)))
-        rows = layer.intermediate.dense.weight.detach().abs().sum(1)
-        _keep_neurons(layer, strongest(rows, kept_count(rows.numel(), fraction)))
-    # Every layer keeps the same FFN width, so the config can say it; the head counts it
-    # cannot (head size = hidden / num_attention_heads): pruning.json carries those.
-    config.intermediate_size = _bert_layers(student)[0].intermediate.dense.out_features
-    student.student_record["bert_config"]["intermediate_size"] = config.intermediate_size
-
-
-def _transformer_sizes(student: nn.Module) -> dict[str, Any]:
-    layers = _bert_layers(student)
-    return {"heads_per_layer": [x.attention.self.num_attention_heads for x in layers],
-            "intermediate_per_layer": [x.intermediate.dense.out_features for x in layers]}
-
-
-def _reshape_transformer(student: nn.Module, sizes: dict[str, Any]) -> None:
-    """Give a freshly built transformer the saved per-layer shapes (values come from the file)."""
-    layers = _bert_layers(student)
-    for layer, heads, width in zip(layers, sizes["heads_per_layer"],
-                                   sizes["intermediate_per_layer"], strict=True):
-        if heads != layer.attention.self.num_attention_heads:
-            _keep_heads(layer, torch.arange(heads))
-        if width != layer.intermediate.dense.out_features:
-            _keep_neurons(layer, torch.arange(width))
-
-
-def _set_transformer_embedding(student: nn.Module, embedding: nn.Embedding) -> None:
-    student.model.set_input_embeddings(embedding)
-    sizes = {"vocab_size": embedding.num_embeddings, "pad_token_id": embedding.padding_idx}
-    student.model.config.update(sizes)
-    student.student_record["bert_config"].update(sizes)
-
-
-def _set_embedding(student: nn.Module, embedding: nn.Embedding) -> None:
-    student.embedding = embedding
-
-
-def _no_reshape(student: nn.Module, sizes: dict[str, Any]) -> None:
-    """Nothing to do: student.json already records every size of this arch."""
-
-
-@dataclass(frozen=True)
-class ArchPruning:
-    """How to prune one architecture.
-
-    ``embedding(student)``: its word embedding; ``set_embedding(student, e)``: replace it (and
-    what records its size); ``shrink(student, fraction)``: structured pruning in place;
-    ``sizes(student)``: the structured sizes, for reports and pruning.json;
-    ``reshape(student, sizes)``: make a freshly built student match ``sizes`` where
-    student.json cannot say them, before its weights are loaded.
-    """
-
-    embedding: Callable[[nn.Module], nn.Embedding]
-    set_embedding: Callable[[nn.Module, nn.Embedding], None]
-    shrink: Callable[[nn.Module, float], None]
-    sizes: Callable[[nn.Module], dict[str, Any]]
-    reshape: Callable[[nn.Module, dict[str, Any]], None]
-
-
-ARCHS: dict[str, ArchPruning] = {
-    "textcnn": ArchPruning(
-        embedding=lambda s: s.embedding, set_embedding=_set_embedding, shrink=_shrink_textcnn,
-        sizes=lambda s: {"filter_sizes": list(s.filter_sizes),
-                         "num_filters": s.convs[0].out_channels},
-        reshape=_no_reshape),
-    "bilstm": ArchPruning(
-        embedding=lambda s: s.embedding, set_embedding=_set_embedding, shrink=_shrink_bilstm,
-        sizes=lambda s: {"hidden_size": s.lstm.hidden_size, "layers": s.lstm.num_layers},
-        reshape=_no_reshape),
-    "transformer": ArchPruning(
-        embedding=lambda s: s.model.get_input_embeddings(),
-        set_embedding=_set_transformer_embedding, shrink=_shrink_transformer,
-        sizes=_transformer_sizes, reshape=_reshape_transformer),
-}
+    return model.student.sizes()
 
 
 # ---------------------------------------------------------------- unstructured
@@ -493,7 +271,7 @@ def parameter_counts(model: PrunedStudent) -> dict[str, int]:
     params = list(model.parameters())
     return {"total": sum(p.numel() for p in params),
             "embedding": sum(p.numel() for p in
-                             ARCHS[model.arch].embedding(model.student).parameters()),
+                             model.student.get_input_embeddings().parameters()),
             "nonzero": sum(int(p.count_nonzero()) for p in params)}
 
 
@@ -503,7 +281,7 @@ def parameter_counts(model: PrunedStudent) -> dict[str, int]:
 def describe(model: PrunedStudent) -> dict[str, Any]:
     """What pruning.json records for ``model``."""
     remap = model.vocab_remap
-    embedding = ARCHS[model.arch].embedding(model.student)
+    embedding = model.student.get_input_embeddings()
     vocabulary = None if remap is None else {
         "original_size": remap.numel(), "kept": embedding.num_embeddings}
     if isinstance(embedding, FallbackEmbedding):
@@ -545,14 +323,10 @@ def load_pruned(folder: Path, load_weights: LoadWeights | None = None) -> Pruned
     record = _read_json(inner / RECORD_FILE, "a saved student")
     try:
         cfg = StudentConfig.model_validate(record["student"])
-        arch = ARCHS[cfg.arch]
-        # Building draws initial weights that the file replaces; keep the caller's RNG as is.
-        with torch.random.fork_rng(devices=[]):
-            student = STUDENTS[cfg.arch].make(cfg, record)
-        student.student_record = record
-        arch.reshape(student, description["sizes"])
+        student = rebuild_student(cfg, record)
+        student.reshape(description["sizes"])
         if (description["vocabulary"] or {}).get("unseen_rows"):
-            _use_fallback(student, arch, description["vocabulary"])
+            _use_fallback(student, description["vocabulary"])
         (load_weights or strict_load)(student, inner / WEIGHTS_FILE)
         remap = (load_file(folder / VOCAB_REMAP_FILE)["vocab_remap"]
                  if description["vocabulary"] else None)
@@ -562,11 +336,11 @@ def load_pruned(folder: Path, load_weights: LoadWeights | None = None) -> Pruned
     return PrunedStudent(student, remap).eval()
 
 
-def _use_fallback(student: nn.Module, arch: ArchPruning, vocabulary: dict[str, Any]) -> None:
+def _use_fallback(student: Student, vocabulary: dict[str, Any]) -> None:
     """Swap a freshly built student's embedding for an empty ``FallbackEmbedding`` of the
     saved shape, for its weights to be loaded into."""
-    old = arch.embedding(student)
-    arch.set_embedding(student, FallbackEmbedding(
+    old = student.get_input_embeddings()
+    student.set_input_embeddings(FallbackEmbedding(
         old.num_embeddings, old.embedding_dim, old.padding_idx, int(vocabulary["unseen_rows"]),
         int(vocabulary["rank"])))
 

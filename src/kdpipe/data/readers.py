@@ -136,3 +136,11 @@ def _read_parquet(path: Path, fmt: str) -> dict[str, list[Any]]:
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+@dataclass
+class Source:
+    """The splits found in a source (train always; validation/test when present)."""
+
+    splits: dict[str, RawSplit]
+    provenance: dict[str, Any] = field(default_factory=dict)

@@ -23,15 +23,12 @@ import tempfile
 from collections.abc import Callable
 from fnmatch import fnmatchcase as fnmatch
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from kdpipe.config import DataConfig
-from kdpipe.data.readers import FORMATS
+from kdpipe.data.readers import FORMATS, Source
 from kdpipe.errors import DataError
-
-if TYPE_CHECKING:
-    from kdpipe.data.sources import Source
 
 SCHEMES = ("s3", "gs", "gcs", "http", "https")
 # botocore's defaults (60 s connect timeout, up to 5 attempts with backoff) turn an unreachable

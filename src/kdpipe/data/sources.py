@@ -7,14 +7,13 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from kdpipe.config import DataConfig
 from kdpipe.data import remote
-from kdpipe.data.readers import FORMATS, RawSplit, read_file
+from kdpipe.data.readers import FORMATS, RawSplit, Source, read_file
 from kdpipe.errors import DataError
 
 DEMO = "demo"
@@ -23,14 +22,6 @@ LOCAL_HINT = (
     "point data.source at local files instead: -S data.source=path/to/file.csv "
     "(CSV, TSV, JSONL or Parquet) or a folder holding train/validation/test files"
 )
-
-
-@dataclass
-class Source:
-    """The splits found in a source (train always; validation/test when present)."""
-
-    splits: dict[str, RawSplit]
-    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def demo_path() -> Path:

@@ -3,7 +3,11 @@ Simple Neural Networks"): word embeddings, a bidirectional LSTM, a linear classi
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +15,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from kdpipe.models.students import StudentOutput
+from kdpipe.config import StudentConfig
+from kdpipe.models.base import Student, StudentOutput
+from kdpipe.models.surgery import kept_count, linear_columns, strongest
 
 
-class BiLSTM(nn.Module):
+class BiLSTM(Student):
     """Embed → BiLSTM over each text's real tokens → [last forward state; last backward
     state] → dropout → Linear.
 
@@ -26,6 +32,13 @@ class BiLSTM(nn.Module):
     real token and the backward one at its first, so padding never reaches them and no mask
     is needed after the LSTM (see ``final_states``).
     """
+
+    arch = "bilstm"
+
+    @classmethod
+    def from_record(cls, cfg: StudentConfig, record: dict[str, Any]) -> BiLSTM:
+        return cls(record["vocab_size"], cfg.embedding_dim, record["pad_id"],
+                   cfg.bilstm.hidden_size, cfg.bilstm.layers, record["num_labels"], cfg.dropout)
 
     def __init__(self, vocab_size: int, embedding_dim: int, pad_id: int, hidden_size: int,
                  layers: int, num_labels: int, dropout: float) -> None:
@@ -44,6 +57,69 @@ class BiLSTM(nn.Module):
         last = final_states(self.lstm, self.embedding(input_ids), lengths)
         features = torch.cat([last[-2], last[-1]], dim=1)  # top layer: forward, backward
         return StudentOutput(self.classifier(self.dropout(features)), features, None)
+
+    def shrink(self, fraction: float) -> None:
+        """Units chosen per (layer, direction), by the L1 of their rows of all four gates in
+        weight_ih and weight_hh; the same count everywhere (nn.LSTM has one hidden_size)."""
+        lstm: nn.LSTM = self.lstm
+        hidden = lstm.hidden_size
+        keep = kept_count(hidden, fraction)
+        directions = ["", "_reverse"]
+        units = {}
+        for layer in range(lstm.num_layers):
+            for d in directions:
+                rows = (_lstm_weight(lstm, "weight_ih", layer, d).detach().abs().sum(1)
+                        + _lstm_weight(lstm, "weight_hh", layer, d).detach().abs().sum(1))
+                units[layer, d] = strongest(rows.view(4, hidden).sum(0), keep)  # gates i, f, g, o
+        # skip_init cannot see nn.LSTM's device argument; its draws are all overwritten below
+        # and made on a forked RNG, so the caller's random stream stays as it was.
+        with torch.random.fork_rng(devices=[]):
+            new = nn.LSTM(lstm.input_size, keep, num_layers=lstm.num_layers, bias=lstm.bias,
+                          batch_first=lstm.batch_first, dropout=lstm.dropout, bidirectional=True,
+                          device=lstm.weight_ih_l0.device, dtype=lstm.weight_ih_l0.dtype)
+
+        def both(layer: int) -> Tensor:  # a layer's output: [forward units; backward units]
+            return torch.cat([units[layer, ""], hidden + units[layer, "_reverse"]])
+
+        with torch.no_grad():
+            for (layer, d), kept in units.items():
+                gate_rows = (torch.arange(4).unsqueeze(1) * hidden + kept).flatten()
+                inputs = both(layer - 1) if layer else torch.arange(lstm.input_size)
+                _lstm_weight(new, "weight_ih", layer, d).copy_(
+                    _lstm_weight(lstm, "weight_ih", layer, d)[gate_rows][:, inputs])
+                _lstm_weight(new, "weight_hh", layer, d).copy_(
+                    _lstm_weight(lstm, "weight_hh", layer, d)[gate_rows][:, kept])
+                if lstm.bias:
+                    for kind in ("bias_ih", "bias_hh"):
+                        _lstm_weight(new, kind, layer, d).copy_(
+                            _lstm_weight(lstm, kind, layer, d)[gate_rows])
+        new.flatten_parameters()
+        new.train(lstm.training)  # its dropout between layers must not switch on in eval mode
+        self.lstm = new
+        self.classifier = linear_columns(self.classifier, both(lstm.num_layers - 1))
+        self.feature_dim = 2 * keep
+        self.student_record["student"]["bilstm"]["hidden_size"] = keep
+
+    def sizes(self) -> dict[str, Any]:
+        return {"hidden_size": self.lstm.hidden_size, "layers": self.lstm.num_layers}
+
+    @contextlib.contextmanager
+    def export_form(self) -> Iterator[None]:
+        """The LSTM as one ONNX ``LSTM`` node per layer that reads each row's length
+        (``OnnxLSTM``): the TorchScript exporter fails on ``pack_padded_sequence`` with
+        unsorted lengths."""
+        from kdpipe.models.bilstm_onnx import OnnxLSTM, pack_as_padded
+
+        before, self.lstm = self.lstm, OnnxLSTM(self.lstm)
+        try:
+            with mock.patch(f"{__name__}.pack_padded_sequence", pack_as_padded):
+                yield
+        finally:
+            self.lstm = before
+
+
+def _lstm_weight(lstm: nn.LSTM, kind: str, layer: int, direction: str) -> Tensor:
+    return getattr(lstm, f"{kind}_l{layer}{direction}")
 
 
 def final_states(lstm: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:

@@ -3,16 +3,20 @@ time, a linear classifier."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdpipe.models.students import StudentOutput
+from kdpipe.config import StudentConfig
+from kdpipe.models.base import Student, StudentOutput
+from kdpipe.models.surgery import conv_rows, kept_count, linear_columns, strongest
 
 
-class TextCNN(nn.Module):
+class TextCNN(Student):
     """Embed → Conv1d per width (``num_filters`` each) → ReLU → max over the windows of the
     text → concat → dropout → Linear.
 
@@ -21,6 +25,14 @@ class TextCNN(nn.Module):
     (B, feature_dim), None)`` with ``feature_dim = num_filters * len(filter_sizes)``. Extra
     padding does not change the output.
     """
+
+    arch = "textcnn"
+
+    @classmethod
+    def from_record(cls, cfg: StudentConfig, record: dict[str, Any]) -> TextCNN:
+        return cls(record["vocab_size"], cfg.embedding_dim, record["pad_id"],
+                   cfg.textcnn.filter_sizes, cfg.textcnn.num_filters, record["num_labels"],
+                   cfg.dropout)
 
     def __init__(self, vocab_size: int, embedding_dim: int, pad_id: int,
                  filter_sizes: Sequence[int], num_filters: int, num_labels: int,
@@ -33,8 +45,7 @@ class TextCNN(nn.Module):
         self.feature_dim = num_filters * len(self.filter_sizes)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.feature_dim, num_labels)
-        # Set on the copy that is exported (kdpipe.compression.onnx_export.exportable): ONNX Runtime
-        # quantizes a MatMul to its fast int8 kernels, but its integer Conv is slower than
+        # Set on the copy that is exported (``export_form``): ONNX Runtime quantizes a MatMul to its fast int8 kernels, but its integer Conv is slower than
         # its float one, so the exported graph computes the same windows as one MatMul.
         self.windows_as_matmul = False
 
@@ -96,6 +107,33 @@ class TextCNN(nn.Module):
             torch.arange(len(counts), device=scores.device),
             torch.tensor(counts, device=scores.device))
         return F.relu((scores * valid[..., width_of_filter]).amax(1))
+
+    def shrink(self, fraction: float) -> None:
+        """Keep the strongest filters, the same count per width (self.json has one
+        ``num_filters``)."""
+        n = self.convs[0].out_channels
+        keep = kept_count(n, fraction)
+        columns = []
+        for i, conv in enumerate(self.convs):
+            rows = strongest(conv.weight.detach().abs().sum(dim=(1, 2)), keep)
+            self.convs[i] = conv_rows(conv, rows)
+            columns.append(i * n + rows)  # features are the widths' pooled filters, concatenated
+        self.classifier = linear_columns(self.classifier, torch.cat(columns))
+        self.feature_dim = keep * len(self.convs)
+        self.student_record["student"]["textcnn"]["num_filters"] = keep
+
+    def sizes(self) -> dict[str, Any]:
+        return {"filter_sizes": list(self.filter_sizes),
+                "num_filters": self.convs[0].out_channels}
+
+    @contextlib.contextmanager
+    def export_form(self) -> Iterator[None]:
+        """The convolutions as one MatMul (``_pool_by_matmul``)."""
+        before, self.windows_as_matmul = self.windows_as_matmul, True
+        try:
+            yield
+        finally:
+            self.windows_as_matmul = before
 
 
 def windows_kept(lengths: Tensor, width: int) -> Tensor:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
+from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.models.students import StudentOutput
+from kdpipe.models.base import Student, StudentOutput
+from kdpipe.models.surgery import kept_count, linear_columns, linear_rows, strongest
 from kdpipe.models.teacher import quiet_transformers
 
 if TYPE_CHECKING:  # transformers is slow to import; the functions import it when called
@@ -46,7 +49,7 @@ def student_bert_config(teacher_dir: Path, teacher_layers: Sequence[int] | None,
     return config, layers
 
 
-class TinyTransformer(nn.Module):
+class TinyTransformer(Student):
     """A ``BertForSequenceClassification`` (pooler + classifier on [CLS]).
 
     ``forward(input_ids, attention_mask)``: both (B, L), mask 1 for real tokens. Returns
@@ -57,6 +60,26 @@ class TinyTransformer(nn.Module):
     pooler's tanh output: it lives in the same space as the teacher's cached [CLS] features,
     so feature alignment needs no projection for this student.
     """
+
+    arch = "transformer"
+
+    @classmethod
+    def teacher_shape(cls, cfg: StudentConfig, num_labels: int,
+                      teacher_dir: Path) -> dict[str, Any]:
+        """The teacher's BERT config cut to the chosen layers, and which layers."""
+        config, layers = student_bert_config(teacher_dir, cfg.transformer.teacher_layers,
+                                             num_labels, cfg.dropout)
+        return {"teacher_layers": layers, "bert_config": config.to_dict()}
+
+    @classmethod
+    def from_record(cls, cfg: StudentConfig, record: dict[str, Any]) -> TinyTransformer:
+        from transformers import BertConfig
+
+        config = BertConfig.from_dict(record["bert_config"])
+        if record["vocab_size"] > config.vocab_size:
+            raise KdpipeError(f"vocabulary of {record['vocab_size']} tokens does not fit the "
+                              f"teacher's embeddings ({config.vocab_size} rows)")
+        return cls(config)
 
     def __init__(self, config: BertConfig) -> None:
         from transformers import BertForSequenceClassification
@@ -69,6 +92,48 @@ class TinyTransformer(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          output_hidden_states=True)
         return StudentOutput(out.logits, out.hidden_states[-1][:, 0], out.hidden_states)
+
+
+    def init_from_teacher(self, teacher_dir: Path) -> None:
+        """The teacher's embeddings, chosen layers, pooler and head (``copy_teacher``)."""
+        copy_teacher(self, teacher_dir, self.student_record["teacher_layers"])
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        self.model.set_input_embeddings(embedding)
+        sizes = {"vocab_size": embedding.num_embeddings, "pad_token_id": embedding.padding_idx}
+        self.model.config.update(sizes)
+        self.student_record["bert_config"].update(sizes)
+
+    def shrink(self, fraction: float) -> None:
+        """Per layer: the lowest-L1 heads (Q/K/V/O) and FFN neurons (intermediate rows) go."""
+        config = self.model.config
+        for layer in _bert_layers(self):
+            heads = layer.attention.self.num_attention_heads
+            _keep_heads(layer, strongest(_head_scores(layer), kept_count(heads, fraction)))
+            rows = layer.intermediate.dense.weight.detach().abs().sum(1)
+            _keep_neurons(layer, strongest(rows, kept_count(rows.numel(), fraction)))
+        # Every layer keeps the same FFN width, so the config can say it; the head counts it
+        # cannot (head size = hidden / num_attention_heads): pruning.json carries those.
+        config.intermediate_size = _bert_layers(self)[0].intermediate.dense.out_features
+        self.student_record["bert_config"]["intermediate_size"] = config.intermediate_size
+
+    def sizes(self) -> dict[str, Any]:
+        layers = _bert_layers(self)
+        return {"heads_per_layer": [x.attention.self.num_attention_heads for x in layers],
+                "intermediate_per_layer": [x.intermediate.dense.out_features for x in layers]}
+
+    def reshape(self, sizes: dict[str, Any]) -> None:
+        """Give a freshly built transformer the saved per-layer shapes (values come from the file)."""
+        layers = _bert_layers(self)
+        for layer, heads, width in zip(layers, sizes["heads_per_layer"],
+                                       sizes["intermediate_per_layer"], strict=True):
+            if heads != layer.attention.self.num_attention_heads:
+                _keep_heads(layer, torch.arange(heads))
+            if width != layer.intermediate.dense.out_features:
+                _keep_neurons(layer, torch.arange(width))
 
 
 def copy_teacher(student: TinyTransformer, teacher_dir: Path,
@@ -88,3 +153,38 @@ def copy_teacher(student: TinyTransformer, teacher_dir: Path,
         target.encoder.layer[mine].load_state_dict(source.encoder.layer[theirs].state_dict())
     target.pooler.load_state_dict(source.pooler.state_dict())
     student.model.classifier.load_state_dict(teacher.classifier.state_dict())
+
+
+def _bert_layers(student: TinyTransformer) -> nn.ModuleList:
+    return student.model.bert.encoder.layer
+
+
+def _keep_heads(layer: nn.Module, heads: Tensor) -> None:
+    """Keep attention heads ``heads`` of a BertLayer: their Q/K/V rows and O columns.
+    (``prune_heads`` is gone from transformers 5; BertSelfAttention reshapes with -1 heads,
+    so smaller Q/K/V Linears are all it needs.)"""
+    attention = layer.attention.self
+    size = attention.attention_head_size
+    rows = (heads.unsqueeze(1) * size + torch.arange(size)).flatten()
+    for name in ("query", "key", "value"):
+        setattr(attention, name, linear_rows(getattr(attention, name), rows))
+    layer.attention.output.dense = linear_columns(layer.attention.output.dense, rows)
+    attention.num_attention_heads = heads.numel()
+    attention.all_head_size = rows.numel()
+
+
+def _keep_neurons(layer: nn.Module, neurons: Tensor) -> None:
+    """Keep FFN intermediate neurons ``neurons`` of a BertLayer."""
+    layer.intermediate.dense = linear_rows(layer.intermediate.dense, neurons)
+    layer.output.dense = linear_columns(layer.output.dense, neurons)
+
+
+def _head_scores(layer: nn.Module) -> Tensor:
+    """L1 of each head's rows of Q, K, V and its columns of the output projection: (heads,)."""
+    attention = layer.attention.self
+    size = attention.attention_head_size
+    heads = attention.num_attention_heads
+    score = sum(getattr(attention, name).weight.detach().abs().view(heads, -1).sum(1)
+                for name in ("query", "key", "value"))
+    out = layer.attention.output.dense.weight.detach().abs()  # (hidden, heads * size)
+    return score + out.view(out.shape[0], heads, size).sum(dim=(0, 2))

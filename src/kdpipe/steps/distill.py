@@ -34,7 +34,8 @@ from kdpipe.config import Config
 from kdpipe.data.prepare import read_labels, read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.metrics import accuracy_and_f1
-from kdpipe.models.students import StudentOutput, build_student, count_parameters, save_student
+from kdpipe.models.base import StudentOutput
+from kdpipe.models.students import build_student, count_parameters, save_student
 from kdpipe.models.teacher import load_tokenizer, quiet_transformers
 from kdpipe.progress import progress_bar
 from kdpipe.serving.padding import pad_ids
@@ -118,7 +119,7 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
             resumable = (Path(checkpoint_dir),
                          distill_checkpoint.fingerprint(cfg, Path(soft_labels_dir)))
         best = train(t, Path(fractions_dir), log_metric, resumable)
-    best["model"] = trained_rows.merge(best["model"], cfg.student.arch)
+    best["model"] = trained_rows.merge(best["model"])
     seconds = time.perf_counter() - start
     with atomic_dir(out_dir) as tmp:
         save_student(best["model"], tmp)
@@ -194,7 +195,7 @@ def make_trainer(cfg: Config, data: TransferData, teacher_dir: Path, tokenizer: 
     student = build_student(cfg.student, len(data.label_names), teacher_dir, data.pad_id,
                             len(tokenizer))
     if d.weight_decay == 0:  # see kdpipe.training.trained_rows for why not with decay
-        trained_rows.restrict(student, cfg.student.arch, data.ids)
+        trained_rows.restrict(student, data.ids)
     active = set(losses.LossTerms.for_epoch(d, d.epochs - 1).weights)
     needs_features = active & {"feature", "crd"}
     if needs_features and data.teacher_features is None:

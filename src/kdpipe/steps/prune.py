@@ -98,7 +98,7 @@ def run(cfg: Config, student_dir: Path, prepared_dir: Path, soft_labels_dir: Pat
         "params_before": float(before["params"]["total"]),
         "params_after": float(after["params"]["total"]),
         "nonzero_params_after": float(after["params"]["nonzero"]),
-        "vocab_kept": float(pruning.ARCHS[model.arch].embedding(model.student).num_embeddings),
+        "vocab_kept": float(model.student.get_input_embeddings().num_embeddings),
         "sparsity": sparsity,
         "val_accuracy_before": accuracy["before"],
         "val_accuracy_pruned": pruned_accuracy,
@@ -137,7 +137,7 @@ def prune_vocabulary(model: pruning.PrunedStudent, data: distill.TransferData,
     train_ids = [ids for ids, label in zip(data.ids, data.labels, strict=True) if label >= 0]
     special = {*tokenizer.all_special_ids, tokenizer.unk_token_id}
     seen = pruning.kept_token_ids(train_ids, special)
-    original = pruning.ARCHS[model.arch].embedding(model.student).num_embeddings
+    original = model.student.get_input_embeddings().num_embeddings
     added = commonest_missing(tokenizer, seen, round(min_fraction * original) - len(seen),
                               original)
     kept = sorted([*seen, *added])

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from kdpipe.compression import pruning
+from kdpipe.models.base import Student
 
 
 class RowSubsetEmbedding(nn.Module):
@@ -61,22 +61,20 @@ class RowSubsetEmbedding(nn.Module):
 def reachable_ids(token_ids: Iterable[Sequence[int]], padding_idx: int | None) -> Tensor:
     """Sorted distinct ids in ``token_ids``, without the padding id (its row gets no
     gradient in ``nn.Embedding`` either)."""
-    ids = pruning.kept_token_ids(token_ids, ())
-    return torch.tensor([i for i in ids if i != padding_idx], dtype=torch.long)
+    seen = {i for ids in token_ids for i in ids}
+    return torch.tensor(sorted(seen - {padding_idx}), dtype=torch.long)
 
 
-def restrict(student: nn.Module, arch: str, token_ids: Iterable[Sequence[int]]) -> None:
+def restrict(student: Student, token_ids: Iterable[Sequence[int]]) -> None:
     """Make only the rows of the ids in ``token_ids`` trainable in ``student``'s embedding."""
-    parts = pruning.ARCHS[arch]
-    embedding = parts.embedding(student)
-    parts.set_embedding(student, RowSubsetEmbedding(  # type: ignore[arg-type]
+    embedding = student.get_input_embeddings()
+    student.set_input_embeddings(RowSubsetEmbedding(  # type: ignore[arg-type]
         embedding, reachable_ids(token_ids, embedding.padding_idx)))
 
 
-def merge(student: nn.Module, arch: str) -> nn.Module:
+def merge(student: Student) -> Student:
     """``student`` with a plain embedding again (in place; returned for chaining)."""
-    parts = pruning.ARCHS[arch]
-    embedding = parts.embedding(student)
+    embedding = student.get_input_embeddings()
     if isinstance(embedding, RowSubsetEmbedding):
-        parts.set_embedding(student, embedding.merged())
+        student.set_input_embeddings(embedding.merged())
     return student
