@@ -40,7 +40,7 @@ def distill_step_ms(cfg, data, teacher_dir, tokenizer, fused: bool, steps: int,
                                    reachable)
     from kdpipe.steps import distill, fractionate
     from kdpipe.training import trained_rows
-    from kdpipe.training.losses import LossTerms
+    from kdpipe.training.loss_terms import LossTerms
 
     torch.manual_seed(cfg.seed)
     t = distill.make_trainer(cfg, data, teacher_dir, tokenizer, steps)
@@ -55,7 +55,7 @@ def distill_step_ms(cfg, data, teacher_dir, tokenizer, fused: bool, steps: int,
     for i, batch in enumerate(batches):
         marks = [time.perf_counter()]
         out = t.student(batch.input_ids, batch.attention_mask)
-        values = {name: distill.TERMS[name](t, terms, batch, out) for name in terms.weights}
+        values = {name: t.terms[name](batch, out, terms) for name in terms.weights}
         total, _ = terms.combine(values)
         t.optimizer.zero_grad(set_to_none=True)
         marks.append(time.perf_counter())

@@ -13,6 +13,7 @@ from kdpipe.data.prepare import read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import build_student, load_student
 from kdpipe.steps import distill, fractionate, ingest, soft_labels, teacher
+from kdpipe.training import loss_terms
 
 SMALL_STUDENT = {"embedding_dim": 16, "textcnn": {"num_filters": 8},
                  "bilstm": {"hidden_size": 8}}
@@ -126,6 +127,42 @@ def test_every_loss_term_and_student_trains(pipeline_dir, tmp_path, settings, te
     assert result.metrics["val_accuracy"] > 0.4
     if "ema" in terms:
         assert {e["which"] for e in report["evaluations"]} == {"student", "ema"}
+
+
+def test_a_new_loss_term_is_one_registered_class(pipeline_dir, tmp_path, monkeypatch):
+    """A term registered by name is built, weighted, summed, logged and its head trained,
+    with no change to the distill step (here it reuses logit_mse's weight as its setting)."""
+    heads_seen = []
+
+    class Centered(loss_terms.LossTerm):
+        name = "centered"
+
+        @classmethod
+        def weight(cls, d):
+            return d.logit_mse
+
+        def __init__(self, d, student, teacher_width, teacher_dir):
+            super().__init__(d, student, teacher_width, teacher_dir)
+            self.heads = {"centered_scale": torch.nn.Linear(1, 1)}
+            heads_seen.append(self.heads["centered_scale"])
+
+        def __call__(self, b, out, terms):
+            scale = self.heads["centered_scale"].weight.squeeze()
+            logits = out.logits - out.logits.mean(1, keepdim=True)
+            target = b.teacher_logits - b.teacher_logits.mean(1, keepdim=True)
+            return ((scale * logits - target) ** 2).mean()
+
+    monkeypatch.setattr(loss_terms, "TERMS", dict(loss_terms.TERMS))
+    loss_terms.term(Centered)
+    with pytest.raises(ValueError, match="registered twice"):
+        loss_terms.term(Centered)
+    cfg, fractions = _config(pipeline_dir, tmp_path, epochs=2, logit_mse=0.5)
+    assert dict(loss_terms.LossTerms.for_epoch(cfg.distill, 1).weights) == {
+        "kd": 1.0, "logit_mse": 0.5, "centered": 0.5}
+    _distill(cfg, fractions, tmp_path / "s")
+    report = json.loads((tmp_path / "s" / "distill.json").read_text())
+    assert all({"kd", "logit_mse", "centered"} <= set(p) for p in report["loss"])
+    assert heads_seen and float(heads_seen[0].weight.grad.abs().sum()) > 0
 
 
 def test_feature_losses_need_cached_teacher_features(pipeline_dir, tmp_path):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from kdpipe.config import DistillConfig
+from kdpipe.training.loss_terms import LossTerms
 from kdpipe.training.losses import (
-    LossTerms,
     MemoryBank,
     crd_infonce,
     ema_update,

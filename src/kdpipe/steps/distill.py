@@ -8,11 +8,10 @@ matching, run alongside). Writes ``out_dir`` atomically: the student (``model.sa
 ``student.json``, see ``kdpipe.models.students``), the teacher's tokenizer, and
 ``distill.json`` (loss terms per logging interval, evaluations, the chosen model).
 
-The loss is a weighted sum of terms chosen in params.yaml (``kdpipe.training.losses.LossTerms``);
-each term is one entry of ``TERMS`` below, so adding a loss touches one function here and
-one in ``kdpipe.training.losses``. With ``distill.ema.weight > 0`` an exponential moving average of
-the student gives extra soft targets; it is evaluated too, and whichever of the two scores
-best on validation is saved.
+The loss is a weighted sum of terms chosen in params.yaml, each a ``LossTerm`` of
+``kdpipe.training.loss_terms`` (which owns its settings, heads and computation). With
+``distill.ema.weight > 0`` an exponential moving average of the student gives extra soft
+targets; it is evaluated too, and whichever of the two scores best on validation is saved.
 """
 
 from __future__ import annotations
@@ -34,16 +33,16 @@ from kdpipe.config import Config
 from kdpipe.data.prepare import read_labels, read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.metrics import accuracy_and_f1
-from kdpipe.models.base import StudentOutput
 from kdpipe.models.students import build_student, count_parameters, save_student
-from kdpipe.models.teacher import load_tokenizer, quiet_transformers
+from kdpipe.models.teacher import load_tokenizer
 from kdpipe.progress import progress_bar
 from kdpipe.serving.padding import pad_ids
 from kdpipe.step_result import StepResult
 from kdpipe.steps import fractionate, soft_labels
 from kdpipe.threads import torch_threads
-from kdpipe.training import distill_checkpoint, losses, trained_rows
+from kdpipe.training import distill_checkpoint, trained_rows
 from kdpipe.training.batching import bucketed_batches
+from kdpipe.training.loss_terms import CRD, EMA, Batch, LossTerm, LossTerms, build_terms
 from kdpipe.training.optim import adamw
 
 LogMetric = Callable[[str, float, int], None]
@@ -66,32 +65,35 @@ class TransferData:
 
 
 @dataclass
-class Batch:
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-    teacher_logits: Tensor
-    teacher_features: Tensor | None
-    weights: Tensor
-
-
-@dataclass
 class Trainer:
     cfg: Config
     data: TransferData
     student: nn.Module
-    heads: nn.ModuleDict
+    terms: dict[str, LossTerm]  # every term some epoch uses, built
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    ema: nn.Module | None = None
-    teacher: nn.Module | None = None
-    layer_pairs: list[tuple[int, int]] = field(default_factory=list)
-    bank: losses.MemoryBank | None = None
     step: int = 0
     pending: list[dict[str, float]] = field(default_factory=list)  # losses not yet averaged
     history: dict[str, list[dict[str, Any]]] = field(
         default_factory=lambda: {"loss": [], "evaluations": []})
     resumed_at: int | None = None  # the epoch a resumed run went on from
+
+    def __post_init__(self) -> None:
+        # Every term's heads in one module: optimised, clipped and checkpointed with the student.
+        self.heads = nn.ModuleDict({name: head for term in self.terms.values()
+                                    for name, head in term.heads.items()})
+
+    @property
+    def ema(self) -> nn.Module | None:
+        """The EMA copy of the student, when the ema term is on."""
+        term = self.terms.get(EMA.name)
+        return term.model if term is not None else None
+
+    @property
+    def bank(self) -> Any:
+        """CRD's memory bank, when it uses one."""
+        term = self.terms.get(CRD.name)
+        return term.bank if term is not None else None
 
 
 def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: Path,
@@ -187,8 +189,8 @@ def plan_epochs(cfg: Config, fractions_dir: Path) -> tuple[int, int]:
 
 def make_trainer(cfg: Config, data: TransferData, teacher_dir: Path, tokenizer: Any,
                  steps: int) -> Trainer:
-    """The student, its projection heads, optimizer and schedule, and what the active loss
-    terms need (EMA copy, teacher for hidden states, memory bank)."""
+    """The student, the loss terms its epochs use (with their heads, EMA copy, memory bank
+    or frozen teacher), the optimizer over the student and the heads, and the schedule."""
     from transformers import get_linear_schedule_with_warmup
 
     d = cfg.distill
@@ -196,56 +198,15 @@ def make_trainer(cfg: Config, data: TransferData, teacher_dir: Path, tokenizer: 
                             len(tokenizer))
     if d.weight_decay == 0:  # see kdpipe.training.trained_rows for why not with decay
         trained_rows.restrict(student, data.ids)
-    active = set(losses.LossTerms.for_epoch(d, d.epochs - 1).weights)
-    needs_features = active & {"feature", "crd"}
-    if needs_features and data.teacher_features is None:
-        raise KdpipeError(f"distill: {'/'.join(sorted(needs_features))} loss needs the "
-                          "teacher's features; set soft_labels.features=true")
-    heads = make_heads(cfg, student, data, active)
-    params = list(student.parameters()) + list(heads.parameters())
-    optimizer = adamw(params, d.lr, d.weight_decay)
+    used = {*LossTerms.for_epoch(d, 0).weights, *LossTerms.for_epoch(d, d.epochs - 1).weights}
+    width = data.teacher_features.shape[1] if data.teacher_features is not None else 0
+    terms = build_terms(used, d, student, width, teacher_dir)
+    heads = [p for term in terms.values() for head in term.heads.values()
+             for p in head.parameters()]
+    optimizer = adamw(list(student.parameters()) + heads, d.lr, d.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(d.warmup_ratio * steps),
                                                 max(steps, 1))
-    t = Trainer(cfg, data, student, heads, optimizer, scheduler)
-    if "ema" in active:
-        t.ema = losses.make_ema(student)
-    if "crd" in active and d.crd.negatives == "memory_bank":
-        t.bank = losses.MemoryBank(d.crd.bank_size)
-    if "hidden" in active:
-        t.teacher, t.layer_pairs = hidden_teacher(cfg, student, teacher_dir)
-    return t
-
-
-def make_heads(cfg: Config, student: nn.Module, data: TransferData,
-               active: set[str]) -> nn.ModuleDict:
-    """Learned projections the feature and CRD losses compare through."""
-    heads = nn.ModuleDict()
-    width = student.feature_dim
-    teacher_width = data.teacher_features.shape[1] if data.teacher_features is not None else 0
-    if "feature" in active:
-        heads["feature"] = nn.Linear(width, teacher_width)
-    if "crd" in active:
-        heads["crd_student"] = nn.Linear(width, cfg.distill.crd.projection_dim)
-        heads["crd_teacher"] = nn.Linear(teacher_width, cfg.distill.crd.projection_dim)
-    return heads
-
-
-def hidden_teacher(cfg: Config, student: nn.Module,
-                   teacher_dir: Path) -> tuple[nn.Module, list[tuple[int, int]]]:
-    """The teacher, frozen, for layer-to-layer matching, and the (student, teacher) pairs."""
-    from transformers import AutoModel
-
-    record = getattr(student, "student_record", {})
-    if "teacher_layers" not in record:
-        raise KdpipeError("distill.hidden.weight > 0 needs student.arch=transformer "
-                          "(only it has layers to match)")
-    pairs = cfg.distill.hidden.layer_pairs or [
-        (i + 1, layer + 1) for i, layer in enumerate(record["teacher_layers"])]
-    with quiet_transformers():
-        teacher = AutoModel.from_pretrained(teacher_dir).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher, [tuple(p) for p in pairs]
+    return Trainer(cfg, data, student, terms, optimizer, scheduler)
 
 
 def train(t: Trainer, fractions_dir: Path, log_metric: LogMetric | None,
@@ -264,7 +225,7 @@ def train(t: Trainer, fractions_dir: Path, log_metric: LogMetric | None,
         task = bar.add_task("distill", total=None)
         for epoch in range(first, d.epochs):
             indices, weights = fractionate.load(fractions_dir, epoch)
-            terms = losses.LossTerms.for_epoch(d, epoch)
+            terms = LossTerms.for_epoch(d, epoch)
             batches = epoch_batches(t, indices, weights, epoch)
             bar.update(task, description=f"distill epoch {epoch + 1}/{d.epochs}",
                        total=len(batches), completed=0)
@@ -309,10 +270,10 @@ def pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
-def train_step(t: Trainer, terms: losses.LossTerms, batch: Batch) -> dict[str, float]:
+def train_step(t: Trainer, terms: LossTerms, batch: Batch) -> dict[str, float]:
     t.student.train()
     out = t.student(batch.input_ids, batch.attention_mask)
-    values = {name: TERMS[name](t, terms, batch, out) for name in terms.weights}
+    values = {name: t.terms[name](batch, out, terms) for name in terms.weights}
     total, logged = terms.combine(values)
     t.optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -322,60 +283,10 @@ def train_step(t: Trainer, terms: losses.LossTerms, batch: Batch) -> dict[str, f
             t.cfg.distill.max_grad_norm)
     t.optimizer.step()
     t.scheduler.step()
-    if t.ema is not None:
-        losses.ema_update(t.ema, t.student, t.cfg.distill.ema.momentum)
+    for term in t.terms.values():
+        term.after_step(t.student)
     t.step += 1
     return logged
-
-
-# One function per loss term, looked up by the names LossTerms returns.
-def _kd(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
-    return losses.kd_loss(out.logits, b.teacher_logits, b.labels, terms.temperature,
-                          terms.alpha, b.weights)
-
-
-def _hard_ce(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
-    return losses.hard_ce(out.logits, b.labels, b.weights)
-
-
-def _logit_mse(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
-    return losses.logit_mse(out.logits, b.teacher_logits, b.weights)
-
-
-def _feature(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
-    return losses.feature_alignment(t.heads["feature"](out.features), b.teacher_features,
-                                    terms.feature_kind, b.weights)
-
-
-def _crd(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
-    teacher = t.heads["crd_teacher"](b.teacher_features)
-    negatives = t.bank.get() if t.bank is not None else None
-    value = losses.crd_infonce(t.heads["crd_student"](out.features), teacher,
-                               t.cfg.distill.crd.temperature, negatives, b.weights)
-    if t.bank is not None:
-        t.bank.push(teacher)
-    return value
-
-
-def _hidden(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
-    with torch.inference_mode():
-        teacher = t.teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                            output_hidden_states=True).hidden_states
-    teacher = [h.clone() for h in teacher]  # inference tensors cannot enter autograd
-    return losses.hidden_mse(out.hidden_states, teacher, t.layer_pairs,
-                             mask=b.attention_mask)
-
-
-def _ema(t: Trainer, terms: losses.LossTerms, b: Batch, out: StudentOutput) -> Tensor:
-    with torch.no_grad():
-        targets = t.ema(b.input_ids, b.attention_mask).logits
-    return losses.kd_kl(out.logits, targets, terms.temperature, b.weights)
-
-
-TERMS: dict[str, Callable[[Trainer, losses.LossTerms, Batch, StudentOutput], Tensor]] = {
-    "kd": _kd, "hard_ce": _hard_ce, "logit_mse": _logit_mse, "feature": _feature,
-    "crd": _crd, "hidden": _hidden, "ema": _ema,
-}
 
 
 def flush_loss(t: Trainer, log_metric: LogMetric | None) -> None:

@@ -33,6 +33,7 @@ from kdpipe.step_result import StepResult
 from kdpipe.steps import distill
 from kdpipe.threads import torch_threads
 from kdpipe.training import losses
+from kdpipe.training.loss_terms import LossTerms, build_terms
 from kdpipe.training.optim import adamw
 
 REPORT_FILE = "prune.json"
@@ -185,7 +186,7 @@ def finetune(cfg: Config, model: pruning.PrunedStudent,
     temperature = losses.temperature_at(d.epochs - 1, d.epochs, d.temperature,
                                         d.temperature_end)
     weights = {"kd": 1.0, **({"logit_mse": d.logit_mse} if d.logit_mse > 0 else {})}
-    terms = losses.LossTerms(weights, temperature, d.alpha)
+    terms = LossTerms(weights, temperature, d.alpha)
     rows = np.arange(len(data.ids))
     ones = np.ones(len(rows), np.float32)
     # Magnitude pruning's zeros, held at zero after every step (else the fine-tune revives them).
@@ -194,8 +195,8 @@ def finetune(cfg: Config, model: pruning.PrunedStudent,
     optimizer = adamw(model.parameters(), cfg.prune.finetune_lr, d.weight_decay)
     epochs = cfg.prune.finetune_epochs
     steps = epochs * -(-len(rows) // d.batch_size)
-    t = distill.Trainer(cfg, data, model, nn.ModuleDict(), optimizer,
-                        get_linear_schedule_with_warmup(optimizer, 0, steps))
+    t = distill.Trainer(cfg, data, model, build_terms(weights, d, model.student, 0, None),
+                        optimizer, get_linear_schedule_with_warmup(optimizer, 0, steps))
     history = []
     with progress_bar() as bar:
         task = bar.add_task("prune fine-tune", total=steps)

@@ -8,21 +8,18 @@ Per-example ``weights`` (B,), e.g. the fractionation weights, turn every batch m
 weighted mean ``sum(w * l) / sum(w)``; a row of weight 0 does not change the loss, and a batch
 whose weights sum to 0 gives 0 (still with a graph). ``weights=None`` is the plain mean.
 
-The distill step composes these from params.yaml through ``LossTerms``: which terms are on, with
-what weight, and at which temperature, so its loop needs no if-ladder over the config.
+``kdpipe.training.loss_terms`` wraps each into a term of the distillation loss (its settings,
+heads and state), which the distill step composes from params.yaml.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from kdpipe.config import DistillConfig
 
 # ---------------------------------------------------------------- reduction
 
@@ -259,7 +256,7 @@ def ema_update(ema_model: nn.Module, model: nn.Module, momentum: float) -> None:
         target.copy_(source)
 
 
-# ---------------------------------------------------------------- schedules and composition
+# ---------------------------------------------------------------- schedules
 
 
 def temperature_at(epoch: float, epochs: int, start: float, end: float | None) -> float:
@@ -272,48 +269,6 @@ def temperature_at(epoch: float, epochs: int, start: float, end: float | None) -
         return float(start)
     progress = min(max(epoch, 0.0) / (epochs - 1), 1.0)
     return float(start + (end - start) * progress)
-
-
-@dataclass(frozen=True)
-class LossTerms:
-    """Which loss terms are on for an epoch, their weights, and the temperature.
-
-    Term names and what the distill step computes for each:
-    ``kd`` (``kd_loss`` with ``alpha`` and ``temperature``), ``hard_ce`` (``hard_ce``; alone in
-    the first ``hard_label_epochs`` epochs, the hard-label stage), ``logit_mse``, ``feature``
-    (``feature_alignment`` of kind ``feature_kind``), ``crd`` (``crd_infonce``), ``hidden``
-    (``hidden_mse``), ``ema`` (``kd_kl`` against the EMA student's logits at ``temperature``).
-    A term whose weight is 0 in params.yaml is off (absent from ``weights``).
-    """
-
-    weights: Mapping[str, float]
-    temperature: float
-    alpha: float
-    feature_kind: str = "mse"
-
-    @classmethod
-    def for_epoch(cls, cfg: DistillConfig, epoch: float) -> LossTerms:
-        temperature = temperature_at(epoch, cfg.epochs, cfg.temperature, cfg.temperature_end)
-        if epoch < cfg.hard_label_epochs:
-            return cls({"hard_ce": 1.0}, temperature, cfg.alpha, cfg.feature.kind)
-        weights = {"kd": 1.0, "logit_mse": cfg.logit_mse, "feature": cfg.feature.weight,
-                   "crd": cfg.crd.weight, "hidden": cfg.hidden.weight, "ema": cfg.ema.weight}
-        return cls({name: w for name, w in weights.items() if w > 0}, temperature, cfg.alpha,
-                   cfg.feature.kind)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.weights
-
-    def combine(self, values: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """``sum_k weight_k * value_k`` over the active terms, and every term's (unweighted)
-        value plus ``total`` as floats for logging. ``values`` must hold exactly the active
-        terms: a missing or extra one is a bug in the caller, so it is an error."""
-        if set(values) != set(self.weights):
-            raise ValueError(f"loss terms: expected {sorted(self.weights)}, got {sorted(values)}")
-        total = sum(self.weights[name] * value for name, value in values.items())
-        logged = {name: float(value.detach()) for name, value in values.items()}
-        logged["total"] = float(total.detach())
-        return total, logged
 
 
 # ---------------------------------------------------------------- helpers

@@ -1,0 +1,286 @@
+"""The distillation loss as terms: each term is one class that owns its settings (read from
+``distill`` in params.yaml), its projection heads (learned with the student) and its
+computation (from ``kdpipe.training.losses``), registered by name in ``TERMS``.
+
+Adding a term is one ``LossTerm`` subclass decorated with ``@term`` plus its settings in
+``kdpipe.config.DistillConfig``: ``LossTerms.for_epoch`` turns it on when its ``weight`` is
+above 0, the distill step builds it, sums it into the loss, logs it as ``loss/<name>``, and
+checkpoints its heads with the student's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kdpipe.config import DistillConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.models.base import Student, StudentOutput
+from kdpipe.training import losses
+
+
+@dataclass
+class Batch:
+    """One training batch: token ids, gold labels (-1: none), the teacher's cached outputs
+    and the fractionation weights, row by row."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    teacher_logits: Tensor
+    teacher_features: Tensor | None
+    weights: Tensor
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Which terms are on for an epoch, their weights, and the epoch's temperature and
+    ``alpha``. A term whose weight is 0 in params.yaml is off (absent from ``weights``); the
+    first ``hard_label_epochs`` epochs are the hard-label stage (``hard_ce`` alone)."""
+
+    weights: Mapping[str, float]
+    temperature: float
+    alpha: float
+
+    @classmethod
+    def for_epoch(cls, d: DistillConfig, epoch: float) -> LossTerms:
+        temperature = losses.temperature_at(epoch, d.epochs, d.temperature, d.temperature_end)
+        if epoch < d.hard_label_epochs:
+            return cls({HardCE.name: 1.0}, temperature, d.alpha)
+        weights = {name: kind.weight(d) for name, kind in TERMS.items()}
+        return cls({name: w for name, w in weights.items() if w > 0}, temperature, d.alpha)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.weights
+
+    def combine(self, values: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """``sum_k weight_k * value_k`` over the active terms, and every term's (unweighted)
+        value plus ``total`` as floats for logging. ``values`` must hold exactly the active
+        terms: a missing or extra one is a bug in the caller, so it is an error."""
+        if set(values) != set(self.weights):
+            raise ValueError(f"loss terms: expected {sorted(self.weights)}, got {sorted(values)}")
+        total = sum(self.weights[name] * value for name, value in values.items())
+        logged = {name: float(value.detach()) for name, value in values.items()}
+        logged["total"] = float(total.detach())
+        return total, logged
+
+
+class LossTerm:
+    """One term of the loss. ``name``: its key in ``TERMS``, logs and ``LossTerms``.
+
+    Built once per training run, for a student whose features are ``student.feature_dim``
+    wide and a teacher whose cached features are ``teacher_width`` wide (0: none cached).
+    ``heads``: its learned projections, trained and checkpointed with the student (names
+    unique across terms). ``__call__``: the term's value on a batch (unweighted).
+    ``after_step``: called after every optimizer step, whether or not the term is on that
+    epoch.
+    """
+
+    name: ClassVar[str]
+    needs_teacher_features: ClassVar[bool] = False
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        """Its weight in the sum after the hard-label stage (0: off)."""
+        return 0.0
+
+    def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
+                 teacher_dir: Path | None) -> None:
+        self.d = d
+        self.heads: dict[str, nn.Module] = {}
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        raise NotImplementedError
+
+    def after_step(self, student: nn.Module) -> None:
+        """Nothing by default."""
+
+
+TERMS: dict[str, type[LossTerm]] = {}
+
+
+def term(kind: type[LossTerm]) -> type[LossTerm]:
+    """Register ``kind`` under its ``name`` (registration order is the summation order)."""
+    if kind.name in TERMS:
+        raise ValueError(f"loss term {kind.name!r} registered twice")
+    TERMS[kind.name] = kind
+    return kind
+
+
+def build_terms(names: Iterable[str], d: DistillConfig, student: Student,
+                teacher_width: int, teacher_dir: Path | None) -> dict[str, LossTerm]:
+    """The terms ``names``, built in registration order (their heads draw from torch's
+    global RNG in that order)."""
+    wanted = set(names)
+    unknown = wanted - set(TERMS)
+    if unknown:
+        raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(TERMS)}")
+    needing = sorted(n for n in wanted if TERMS[n].needs_teacher_features)
+    if needing and not teacher_width:
+        raise KdpipeError(f"distill: {'/'.join(needing)} loss needs the teacher's features; "
+                          "set soft_labels.features=true")
+    return {name: kind(d, student, teacher_width, teacher_dir)
+            for name, kind in TERMS.items() if name in wanted}
+
+
+@term
+class KD(LossTerm):
+    """``alpha`` * KL to the teacher at the epoch's temperature + (1 - ``alpha``) * CE with
+    the gold label (``losses.kd_loss``); on always, after the hard-label stage."""
+
+    name = "kd"
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        return 1.0
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        return losses.kd_loss(out.logits, b.teacher_logits, b.labels, terms.temperature,
+                              terms.alpha, b.weights)
+
+
+@term
+class HardCE(LossTerm):
+    """Cross-entropy with the gold labels alone: the first ``hard_label_epochs`` epochs."""
+
+    name = "hard_ce"
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        return losses.hard_ce(out.logits, b.labels, b.weights)
+
+
+@term
+class LogitMSE(LossTerm):
+    """MSE between raw logits (``distill.logit_mse``: its weight)."""
+
+    name = "logit_mse"
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        return d.logit_mse
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        return losses.logit_mse(out.logits, b.teacher_logits, b.weights)
+
+
+@term
+class Feature(LossTerm):
+    """The student's features, projected to the teacher's width, against the teacher's
+    cached [CLS] features (``distill.feature``: weight and kind)."""
+
+    name = "feature"
+    needs_teacher_features = True
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        return d.feature.weight
+
+    def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
+                 teacher_dir: Path | None) -> None:
+        super().__init__(d, student, teacher_width, teacher_dir)
+        self.heads = {"feature": nn.Linear(student.feature_dim, teacher_width)}
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        return losses.feature_alignment(self.heads["feature"](out.features),
+                                        b.teacher_features, self.d.feature.kind, b.weights)
+
+
+@term
+class CRD(LossTerm):
+    """Contrastive representation distillation (``distill.crd``): both sides projected to
+    ``projection_dim``, InfoNCE against the batch's other rows or a memory bank."""
+
+    name = "crd"
+    needs_teacher_features = True
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        return d.crd.weight
+
+    def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
+                 teacher_dir: Path | None) -> None:
+        super().__init__(d, student, teacher_width, teacher_dir)
+        self.heads = {"crd_student": nn.Linear(student.feature_dim, d.crd.projection_dim),
+                      "crd_teacher": nn.Linear(teacher_width, d.crd.projection_dim)}
+        self.bank = (losses.MemoryBank(d.crd.bank_size) if d.crd.negatives == "memory_bank"
+                     else None)
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        teacher = self.heads["crd_teacher"](b.teacher_features)
+        negatives = self.bank.get() if self.bank is not None else None
+        value = losses.crd_infonce(self.heads["crd_student"](out.features), teacher,
+                                   self.d.crd.temperature, negatives, b.weights)
+        if self.bank is not None:
+            self.bank.push(teacher)
+        return value
+
+
+@term
+class Hidden(LossTerm):
+    """Layer-to-layer MSE with the teacher run alongside (``distill.hidden``; the
+    transformer student only: the others have no layers to match)."""
+
+    name = "hidden"
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        return d.hidden.weight
+
+    def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
+                 teacher_dir: Path | None) -> None:
+        from transformers import AutoModel
+
+        from kdpipe.models.teacher import quiet_transformers
+
+        super().__init__(d, student, teacher_width, teacher_dir)
+        record = getattr(student, "student_record", {})
+        if "teacher_layers" not in record:
+            raise KdpipeError("distill.hidden.weight > 0 needs student.arch=transformer "
+                              "(only it has layers to match)")
+        pairs = d.hidden.layer_pairs or [
+            (i + 1, layer + 1) for i, layer in enumerate(record["teacher_layers"])]
+        self.layer_pairs = [tuple(p) for p in pairs]
+        with quiet_transformers():
+            teacher = AutoModel.from_pretrained(teacher_dir).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher = teacher  # frozen: neither trained nor checkpointed
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        with torch.inference_mode():
+            teacher = self.teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                   output_hidden_states=True).hidden_states
+        teacher = [h.clone() for h in teacher]  # inference tensors cannot enter autograd
+        return losses.hidden_mse(out.hidden_states, teacher, self.layer_pairs,
+                                 mask=b.attention_mask)
+
+
+@term
+class EMA(LossTerm):
+    """Self-distillation from an exponential moving average of the student (``distill.ema``):
+    KL to the average's logits at the epoch's temperature. The average is updated after
+    every step and evaluated beside the student; the better one is kept."""
+
+    name = "ema"
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        return d.ema.weight
+
+    def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
+                 teacher_dir: Path | None) -> None:
+        super().__init__(d, student, teacher_width, teacher_dir)
+        self.model = losses.make_ema(student)
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        with torch.no_grad():
+            targets = self.model(b.input_ids, b.attention_mask).logits
+        return losses.kd_kl(out.logits, targets, terms.temperature, b.weights)
+
+    def after_step(self, student: nn.Module) -> None:
+        losses.ema_update(self.model, student, self.d.ema.momentum)
