@@ -15,8 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kdpipe.errors import ConfigError
 
@@ -128,11 +135,8 @@ class TeacherConfig(Section):
 class AugmentConfig(Section):
     """Augmented transfer set (Tang et al. 2019): variants the teacher labels."""
 
-    # On by default: on SST-2 the BiLSTM distilled for 2 epochs on train + 4 variants per
-    # text scored validation 0.8865 / test 0.8852 against 0.8624 / 0.8786 on train alone, for
-    # about nine more minutes of labelling on 2 cores. What held it back (vocabulary pruning
-    # took 0.8 points back, a re-run after a distill change cost 17% of the cold run) is met
-    # by prune.min_vocab_fraction and kdpipe.trained_rows (docs/benchmarks.md).
+    # On by default: the larger transfer set is what makes KD pay, for a longer labelling
+    # step (docs/decisions.md#an-augmented-transfer-set-on-by-default).
     enabled: bool = True
     variants: int = Field(4, ge=1, description="Variants made from each training text.")
     mask_prob: float = Field(0.1, ge=0, le=1, description="Chance a word becomes [MASK].")
@@ -165,9 +169,8 @@ class TextCNNConfig(Section):
 
 
 class BiLSTMConfig(Section):
-    # 80, not Tang et al.'s 150: on SST-2 the int8 BiLSTM kept the same accuracy at 80-150
-    # (test 0.878-0.881), and only at 80 or fewer did 32 texts run clearly over 25x the int8
-    # teacher's speed (80: 27.9x; 100: 24.4x; docs/benchmarks.md).
+    # 80, not Tang et al.'s 150: as accurate on SST-2, and fast enough to stay over the
+    # batch-32 speed target with some margin (docs/decisions.md#the-bilstm-student-80-units).
     hidden_size: int = Field(80, ge=1, description="Per direction (Tang et al. 2019: 150).")
     layers: int = Field(1, ge=1)
 
@@ -180,8 +183,8 @@ class TinyTransformerConfig(Section):
 
 
 class StudentConfig(Section):
-    # The BiLSTM: on SST-2 its int8 form kept 1-4 points more accuracy than the TextCNN's
-    # within the speed targets; on AG News the TextCNN was better (docs/benchmarks.md).
+    # The BiLSTM: the most accurate student within the speed targets on SST-2; on AG News's
+    # longer texts the TextCNN was better (docs/decisions.md#the-bilstm-student).
     arch: Literal["textcnn", "bilstm", "transformer"] = "bilstm"
     embedding_dim: int = Field(
         128, ge=8, description="Word-embedding width (textcnn, bilstm); the transformer "
@@ -191,6 +194,8 @@ class StudentConfig(Section):
         True, description="Start word embeddings from the teacher's (projected by PCA "
         "where widths differ)."
     )
+    # 0: later layers gained on validation, not on test
+    # (docs/decisions.md#word-embeddings-from-the-teachers-embedding-matrix).
     init_layer: int = Field(
         0, ge=0, description="textcnn, bilstm: which teacher vectors the word embeddings "
         "start from: 0 its word-embedding matrix; k each token's hidden state after layer "
@@ -236,6 +241,8 @@ class EMAConfig(Section):
 
 
 class FractionateConfig(Section):
+    # all: every subset of the rows lost accuracy in the ablation
+    # (docs/decisions.md#kd-on-every-row-no-extra-loss-terms).
     strategy: Literal["all", "random", "entropy", "margin", "class_balanced", "dynamic"] = "all"
     fraction: float = Field(0.5, gt=0, le=1, description="Share kept by random/entropy/margin.")
     schedule: list[float] = Field(
@@ -247,13 +254,12 @@ class FractionateConfig(Section):
 
 
 class DistillConfig(Section):
-    # 2: over the default augmented transfer set (5x the texts) 2 were better than 1, and a
-    # short distill keeps a re-run after a distill change cheap; without augmentation the
-    # BiLSTM's ablation rows used 3 and the TextCNN's best validation epoch was its 2nd-6th
-    # in four SST-2 runs (set 6 for it; docs/benchmarks.md).
+    # 2: over the default augmented transfer set 2 beat 1, and a short distill keeps a re-run
+    # after a distill change cheap; a TextCNN on train alone wants ~6
+    # (docs/decisions.md#two-distillation-epochs).
     epochs: int = Field(2, ge=1)
-    # 800: AG News's 9,001 rows make 141 steps an epoch, and its BiLSTM scored 0.887 after 3
-    # epochs against 0.896 after 6 (846 steps); SST-2 (1,053 an epoch) is not affected.
+    # A small data set otherwise stops while its student is still learning; large ones are
+    # not affected (docs/decisions.md#a-floor-of-800-distillation-steps).
     min_steps: int = Field(
         800, ge=0, description="Add epochs past distill.epochs until at least this many "
         "optimizer steps are planned (small data sets); early stopping still applies."
@@ -299,14 +305,14 @@ class PruneConfig(Section):
         "row at rank prune.unseen_rank (PCA), the kept token whose embedding is closest "
         "(cosine), or [UNK]."
     )
-    # 16, not 32: at 32 AG News's 13,653 dropped tokens took the int8 folder past 1/25 of the
-    # teacher's ONNX (24.1x); at 16 it is 25.6x, and SST-2 keeps its test gain over nearest.
+    # 16, not 32: keeps AG News's int8 folder within the size target at no measurable cost
+    # on SST-2 (docs/decisions.md#unseen-tokens-keep-their-own-row-at-rank-16).
     unseen_rank: int = Field(
         16, ge=1, description="unseen_tokens=own: numbers kept per dropped token."
     )
-    # 0.55: on the augmented SST-2 BiLSTM it took int8 validation accuracy from 0.8784 to
-    # 0.8853 (test flat, 0.8836 -> 0.8830) at 26.2x under the teacher's ONNX (was 31.4x);
-    # AG News's training texts already reach 0.553 of the vocabulary (docs/benchmarks.md).
+    # 0.55: exact rows for the commonest tokens the training texts lack gain validation
+    # accuracy, and 0.55 is the largest share that keeps the size target with some margin
+    # (docs/decisions.md#vocabulary-pruning-keeps-the-commonest-tokens).
     min_vocab_fraction: float = Field(
         0.55, ge=0, le=1, description="vocabulary: keep at least this share of the "
         "vocabulary as exact rows, adding the tokenizer's commonest tokens the training "
@@ -318,6 +324,8 @@ class PruneConfig(Section):
 
 class ExportConfig(Section):
     opset: int = Field(17, ge=17, le=23)
+    # basic: keeps standard operators the quantizer can read
+    # (docs/decisions.md#basic-graph-optimisation-in-the-exported-file).
     optimize: Literal["none", "basic", "extended", "all"] = Field(
         "basic", description="ONNX Runtime graph optimisation saved into the file; above "
         "basic it holds ORT-only fused operators that the quantizer cannot touch."
@@ -328,6 +336,8 @@ class ExportConfig(Section):
 
 
 class QuantizeConfig(Section):
+    # ort_dynamic: faster and more accurate than PyTorch's int8 on this CPU
+    # (docs/decisions.md#onnx-runtime-int8-not-pytorchs).
     method: Literal["ort_dynamic", "ort_static", "torch_dynamic", "fp16", "none"] = Field(
         "ort_dynamic",
         description="ort_dynamic / ort_static: ONNX Runtime int8; fp16: for GPU targets; "
@@ -340,9 +350,9 @@ class QuantizeConfig(Section):
     op_types: list[str] = Field(
         ["Gather", "MatMul", "LSTM"],
         description="ONNX operator types to quantize ([]: ONNX Runtime's whole set for the "
-        "method). Conv is left out by default: ORT's ConvInteger ran the SST-2 TextCNN 2.7x "
-        "slower at batch 32 and 1.6x at batch 1 than float Conv (docs/benchmarks.md); the "
-        "exported TextCNN computes its convolutions as a MatMul, which int8 does speed up.",
+        "method). Conv is left out by default: ONNX Runtime's integer Conv ran slower than "
+        "its float one; the exported TextCNN computes its convolutions as a MatMul, which "
+        "int8 does speed up (docs/decisions.md#int8-operators-gather-matmul-lstm).",
     )
     max_accuracy_drop: float = Field(
         0.005, ge=0, description="Keep fp32 if int8 loses more validation accuracy than this."

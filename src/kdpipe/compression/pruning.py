@@ -110,10 +110,9 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
 
     Why not [UNK]: the student's rows for tokens absent from training still hold the
     teacher's (projected) embeddings, which place an unseen word near words of like meaning;
-    [UNK] throws that away (on SST-2 it cost 1.5 points of validation accuracy). Why its own
-    row over the nearest word's: a third of SST-2's test texts hold a dropped token, and
-    the nearest word cost the TextCNN 0.6 points of test accuracy where its own row, cut to
-    rank 16 or 32, cost 0.0-0.2 (docs/benchmarks.md).
+    [UNK] throws that away. Why its own row over the nearest word's: a third of SST-2's
+    test texts hold a dropped token, and its own row, even cut to a low rank, lost less
+    accuracy than the nearest word's (``docs/decisions.md#unseen-tokens-keep-their-own-row-at-rank-16``).
     """
     if own_rank and nearest_among:
         raise ValueError("prune_vocabulary: own_rank and nearest_among exclude each other")

@@ -40,8 +40,8 @@ class OnnxLSTM(nn.Module):
     state stops at each row's last real token and the backward direction starts there, so
     neither reads padding. The earlier form reversed each row's tokens with GatherElements
     around two one-directional nodes; its int8 SST-2 BiLSTM was slower (32 texts: 13,143
-    against 11,280 texts/s; one text: 0.092 against 0.140 ms; docs/benchmarks.md, "The
-    BiLSTM student").
+    against 11,280 texts/s; one text: 0.092 against 0.140 ms;
+    ``docs/decisions.md#one-onnx-lstm-node-per-layer``).
     """
 
     def __init__(self, lstm: nn.LSTM) -> None:

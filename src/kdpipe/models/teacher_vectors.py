@@ -60,9 +60,9 @@ def teacher_token_vectors(teacher_dir: Path, layer: int) -> Tensor:
     tokenizer's special tokens (``[CLS] token [SEP]`` for BERT). Those states already went
     through k layers of the fine-tuned teacher, so they carry what the task made of each
     word; a word-embedding layer can hold only one vector per token, so the context-free
-    state is the one it can take. On SST-2 the middle layer gave the TextCNN +1.1 points on
-    validation but -0.2 on test over the raw matrix (4 seeds, docs/benchmarks.md), so 0
-    stays the default.
+    state is the one it can take. On SST-2 a middle layer helped on validation but not on
+    test, so 0 stays the default
+    (``docs/decisions.md#word-embeddings-from-the-teachers-embedding-matrix``).
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 

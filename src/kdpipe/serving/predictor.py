@@ -289,7 +289,7 @@ def fast_backend(tokenizer: Any, max_length: int) -> Any | None:
 
     Why: for a small student, tokenization is a large share of a call, and transformers'
     per-call Python work (argument checks, BatchEncoding, conversions) costs more than the
-    encoding itself (figures in docs/benchmarks.md). The backend gives the same ids (tested).
+    encoding itself (``docs/decisions.md#a-word-cache-in-the-predictor``). The backend gives the same ids (tested).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or tokenizer.pad_token_id is None:
@@ -309,7 +309,8 @@ def length_groups(lengths: list[int], batch_size: int, min_group: int = 8,
     would make it compute more than ``slack`` times its real tokens.
 
     Why: a batch is padded to its longest text, and sentence lengths vary ~10x (SST-2
-    validation in its own order pads 32-text batches to 1.9x their tokens); the model's
+    validation in its own order pads 32-text batches to 1.8x their tokens;
+    ``docs/decisions.md#the-predictor-groups-texts-by-length``); the model's
     cost grows with the padded length. ``min_group`` bounds the number of runs a call makes.
     """
     order = np.argsort(np.asarray(lengths), kind="stable")

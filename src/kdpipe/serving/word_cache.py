@@ -1,7 +1,7 @@
 """A memo of a BERT WordPiece tokenizer's ids per space-separated word, for serving.
 
-Why: for a small student most of a served call is tokenization (SST-2, int8 TextCNN,
-32 texts: tokenization ~1.3-1.9 ms of ~3-4 ms, docs/benchmarks.md), and the Rust tokenizer
+Why: for a small student most of a served call is tokenization
+(``docs/decisions.md#a-word-cache-in-the-predictor``), and the Rust tokenizer
 redoes the same normalisation and WordPiece search for every common word on every call.
 The ``tokenizers`` library has no cache across ``encode`` calls for the normaliser and
 pre-tokenizer, so this keeps one: each distinct word is encoded once by the tokenizer

@@ -54,7 +54,7 @@ def run(cfg: Config, student_dir: Path, prepared_dir: Path, soft_labels_dir: Pat
     tokenizer = load_student_tokenizer(Path(student_dir))
     # The augmented texts matter only to the fine-tune (the kept vocabulary is the labelled
     # texts'); loading SST-2's transfer set took 16.7 s with its 247,092 augmented texts,
-    # 4.2 s without (docs/benchmarks.md).
+    # 4.2 s without (docs/decisions.md#an-augmented-transfer-set-on-by-default).
     data = distill.load_transfer(cfg, Path(prepared_dir), Path(soft_labels_dir), tokenizer,
                                  augmented=p.finetune_epochs > 0)
     model = pruning.PrunedStudent(load_student(Path(student_dir)))
@@ -160,7 +160,8 @@ def commonest_missing(tokenizer: Any, kept: list[int], count: int, rows: int) ->
     by frequency in the tokenizer's own corpus, so these are the commonest tokens the
     training texts lack and the likeliest to turn up in new text. Their exact rows still hold
     the teacher's projected embeddings; at rank 16 the augmented SST-2 BiLSTM lost 0.8
-    points of validation accuracy to the dropped ones (docs/benchmarks.md)."""
+    points of validation accuracy to the dropped ones
+    (docs/decisions.md#vocabulary-pruning-keeps-the-commonest-tokens)."""
     if count <= 0:
         return []
     have = set(kept)

@@ -3,9 +3,8 @@
 A distilled student's embedding is the teacher's vocabulary wide (30,522 rows for BERT), yet
 SST-2's training texts hold 11,572 distinct tokens. The rows of the others never receive a
 gradient, but the backward pass, gradient clipping and a dense optimizer still go over all
-of them on every step: for the default BiLSTM on SST-2 a training step took 19.7 ms with the
-whole table trained and 16.0 ms with only the reachable rows (``bench/train_step.py``,
-docs/benchmarks.md). ``RowSubsetEmbedding`` keeps the reachable rows as the trainable
+of them on every step (the saving, measured by ``bench/train_step.py``:
+``docs/decisions.md#only-reachable-embedding-rows-are-trained``). ``RowSubsetEmbedding`` keeps the reachable rows as the trainable
 parameter and the rest as a frozen buffer; ``merge`` turns it back into a plain
 ``nn.Embedding`` before the student is saved.
 
