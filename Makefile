@@ -1,5 +1,6 @@
 # The two commands that matter: `make run` (set up, then run the pipeline on the demo data)
-# and `make test` (set up, then run the test suite). Both create .venv on first use.
+# and `make test` (set up, then run the test suite, as CI does). Both create .venv on first use.
+# `make test-fast`: the unit tests only (tests/unit, a couple of minutes on 2 cores).
 # `make image`: the kdpipe image, for `kdpipe run --runner kfp-docker` (docker/build.sh; by
 # default on a Debian base made here, which needs root and debootstrap; IMAGE_FLAGS=--no-push
 # builds on python:3.11-slim instead).
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 IMAGE_FLAGS ?= --local-base --no-push
 
-.PHONY: setup run test image repro clean
+.PHONY: setup run test test-fast lint image repro clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +24,12 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n auto  # one worker per core (pytest-xdist)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -n auto tests/unit
+
+lint: setup
+	$(BIN)/ruff check .
 
 image: setup
 	PYTHON=$(abspath $(BIN))/python docker/build.sh $(IMAGE_FLAGS)

@@ -1,6 +1,7 @@
 """Compression benchmark: prune -> export -> quantize -> evaluate one distilled student.
 
-    python bench/compress.py --work /tmp/kb/sst2 --student /tmp/kb/sst2/ablation/textcnn-kd+feature-all/student
+    python bench/compress.py --work /tmp/kb/sst2 \
+        --student /tmp/kb/sst2/ablation/textcnn-kd+feature-all/student
 
 Reuses the prepared data and fine-tuned teacher in ``--work`` (left by bench/teacher.py) and a
 distilled student folder; runs kdpipe's own prune, export, quantize and evaluate steps into
@@ -84,7 +85,8 @@ def main() -> None:
     size["ratio_teacher_to_int8_folder"] = round(
         size["teacher_fp32_onnx_bytes"] / size["int8_folder_bytes"], 2)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"compress_{work.name}{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"compress_{work.name}{args.tag}.json").write_text(
+        json.dumps(report, indent=2) + "\n")
     print(f"\nparity: max |Δlogit| {report['parity']['max_abs_diff']:.1e}, label agreement "
           f"{report['parity']['label_agreement']:.2%} on {report['parity']['rows']} rows")
     print(f"int8 {report['accuracy']['int8']:.4f} vs fp32 {report['accuracy']['fp32']:.4f} "

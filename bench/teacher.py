@@ -118,7 +118,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| {name} | {t['val_accuracy']:.4f} | {t['val_macro_f1']:.4f} | "
           f"{t['epochs_run']:.2f} | {t['seconds_per_epoch']:.0f} | {s['texts_per_second']:.0f} | "
-          f"{batching['length_sorted_texts_per_s']:.0f} vs {batching['naive_padded_texts_per_s']:.0f}"
+          f"{batching['length_sorted_texts_per_s']:.0f} vs "
+          f"{batching['naive_padded_texts_per_s']:.0f}"
           f" ({batching['speedup']:.1f}x) | {s['cache_hit_seconds']:.2f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"teacher_{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -66,7 +66,7 @@ def distill_step_ms(cfg, data, teacher_dir, tokenizer, fused: bool, steps: int,
         t.optimizer.step()
         marks.append(time.perf_counter())
         if i >= warmup:
-            for part, start, end in zip(PARTS, marks, marks[1:]):
+            for part, start, end in zip(PARTS, marks, marks[1:], strict=False):
                 spent[part] += end - start
     ms = {part: round(1000 * s / steps, 2) for part, s in spent.items()}
     ms["step"] = round(sum(ms.values()), 2)

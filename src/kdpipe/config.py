@@ -385,7 +385,8 @@ class GateConfig(Section):
     max_latency_p50_ms: float | None = Field(
         None, gt=0, description="Batch-1 p50 latency, tokenization included (null: no limit)."
     )
-    max_size_bytes: int | None = Field(None, gt=0, description="Model folder size (null: no limit).")
+    max_size_bytes: int | None = Field(
+        None, gt=0, description="Model folder size (null: no limit).")
     max_regression: float = Field(
         0.005, ge=0, description="Largest accuracy loss against the current champion, "
         "both measured on the same split."

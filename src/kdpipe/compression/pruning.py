@@ -13,8 +13,8 @@ Three kinds, each a function that changes a ``PrunedStudent`` in place:
   (``torch.nn.utils.prune``), made permanent; the tensors keep their shapes, with zeros.
 
 What differs between architectures (where the embedding is, how it shrinks, what its sizes
-are) each student answers itself (``kdpipe.models.base.Student``). A pruned folder (``save_pruned`` / ``write_pruned``,
-``load_pruned``) holds:
+are) each student answers itself (``kdpipe.models.base.Student``). A pruned folder
+(``save_pruned`` / ``write_pruned``, ``load_pruned``) holds:
 
 - ``student/``: the inner student as ``save_student`` writes it (it reads NEW token ids, so it
   sits in a subfolder: ``load_student`` on the pruned folder itself fails instead of silently
@@ -112,7 +112,8 @@ def prune_vocabulary(model: PrunedStudent, kept: Sequence[int], unk_id: int,
     teacher's (projected) embeddings, which place an unseen word near words of like meaning;
     [UNK] throws that away. Why its own row over the nearest word's: a third of SST-2's
     test texts hold a dropped token, and its own row, even cut to a low rank, lost less
-    accuracy than the nearest word's (``docs/decisions.md#unseen-tokens-keep-their-own-row-at-rank-16``).
+    accuracy than the nearest word's
+    (``docs/decisions.md#unseen-tokens-keep-their-own-row-at-rank-16``).
     """
     if own_rank and nearest_among:
         raise ValueError("prune_vocabulary: own_rank and nearest_among exclude each other")

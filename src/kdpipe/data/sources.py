@@ -102,7 +102,8 @@ def _from_hf(dataset: Any, cfg: DataConfig, origin: str) -> Source:
         if name not in dataset:
             continue
         part = dataset[name]
-        for column, option in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
+        for column, option in ((cfg.text_column, "text_column"),
+                               (cfg.label_column, "label_column")):
             if column not in part.column_names:
                 have = ", ".join(part.column_names)
                 raise DataError(

@@ -129,11 +129,11 @@ def final_states(lstm: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
     A plain ``nn.LSTM`` runs on the padded batch instead of a PackedSequence: on CPU, torch
     runs a packed LSTM as a loop of small ATen ops per time step, and a padded one
     as oneDNN's fused kernel, much faster
-    (``docs/decisions.md#the-lstm-runs-on-the-padded-batch-in-training``). Padding only trails each row, so
-    the forward direction's state at the last real token has not read any; the backward
-    direction reads each row's real tokens reversed to the front, so it reads padding only
-    after the step whose state is kept. Other LSTM modules (torch's dynamic int8 LSTM, the
-    export's ``OnnxLSTM``) get the packed rows.
+    (``docs/decisions.md#the-lstm-runs-on-the-padded-batch-in-training``). Padding only
+    trails each row, so the forward direction's state at the last real token has not read
+    any; the backward direction reads each row's real tokens reversed to the front, so it
+    reads padding only after the step whose state is kept. Other LSTM modules (torch's
+    dynamic int8 LSTM, the export's ``OnnxLSTM``) get the packed rows.
     """
     if type(lstm) is not nn.LSTM or lstm.proj_size or not lstm.batch_first:
         return packed_final_states(lstm, x, lengths)

@@ -44,7 +44,8 @@ def load_tokenizer(checkpoint: str) -> Any:
         return AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KdpipeError(f"teacher.checkpoint {checkpoint!r}: cannot load tokenizer: {first}") from None
+        raise KdpipeError(
+            f"teacher.checkpoint {checkpoint!r}: cannot load tokenizer: {first}") from None
 
 
 @contextlib.contextmanager

@@ -45,8 +45,9 @@ class TextCNN(Student):
         self.feature_dim = num_filters * len(self.filter_sizes)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.feature_dim, num_labels)
-        # Set on the copy that is exported (``export_form``): ONNX Runtime quantizes a MatMul to its fast int8 kernels, but its integer Conv is slower than
-        # its float one, so the exported graph computes the same windows as one MatMul.
+        # Set on the copy that is exported (``export_form``): ONNX Runtime quantizes a MatMul
+        # to its fast int8 kernels, but its integer Conv is slower than its float one, so
+        # the exported graph computes the same windows as one MatMul.
         self.windows_as_matmul = False
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> StudentOutput:

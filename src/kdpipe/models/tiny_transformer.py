@@ -126,7 +126,8 @@ class TinyTransformer(Student):
                 "intermediate_per_layer": [x.intermediate.dense.out_features for x in layers]}
 
     def reshape(self, sizes: dict[str, Any]) -> None:
-        """Give a freshly built transformer the saved per-layer shapes (values come from the file)."""
+        """Give a freshly built transformer the saved per-layer shapes (values come from the
+        file)."""
         layers = _bert_layers(self)
         for layer, heads, width in zip(layers, sizes["heads_per_layer"],
                                        sizes["intermediate_per_layer"], strict=True):

@@ -11,8 +11,8 @@ nor the training folders: copy it anywhere and point a Predictor at it::
     [p.to_dict() for p in predictor.predict(texts)]       # JSON-ready
 
 A quantize output made with ``quantize.method=torch_dynamic`` holds a ``torch`` folder (an
-int8 PyTorch student, ``kdpipe.compression.torch_int8``) instead of ``model.onnx``; the Predictor runs
-it with PyTorch, the rest is the same.
+int8 PyTorch student, ``kdpipe.compression.torch_int8``) instead of ``model.onnx``; the
+Predictor runs it with PyTorch, the rest is the same.
 """
 
 from __future__ import annotations
@@ -289,7 +289,8 @@ def fast_backend(tokenizer: Any, max_length: int) -> Any | None:
 
     Why: for a small student, tokenization is a large share of a call, and transformers'
     per-call Python work (argument checks, BatchEncoding, conversions) costs more than the
-    encoding itself (``docs/decisions.md#a-word-cache-in-the-predictor``). The backend gives the same ids (tested).
+    encoding itself
+    (``docs/decisions.md#a-word-cache-in-the-predictor``). The backend gives the same ids (tested).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or tokenizer.pad_token_id is None:

@@ -10,8 +10,8 @@ parameter, say) re-runs neither the teacher's export and quantization nor its ti
 
 Each model is scored on the split's first ``evaluate.max_rows`` rows (all when null):
 accuracy, macro-F1, per-class precision/recall/F1/support, the confusion matrix, the
-expected calibration error (``evaluate.ece_bins`` bins, see ``kdpipe.evaluation.metrics``), agreement
-with the teacher's predictions; then timed (``kdpipe.evaluation.latency``) at each of
+expected calibration error (``evaluate.ece_bins`` bins, see ``kdpipe.evaluation.metrics``),
+agreement with the teacher's predictions; then timed (``kdpipe.evaluation.latency``) at each of
 ``evaluate.latency_batch_sizes`` on ``evaluate.threads`` threads for PyTorch and ONNX
 Runtime alike; then sized (bytes of its folder's files; parameters, for ONNX the elements of
 its initializers). Ratios to the teacher follow when the teacher is evaluated.

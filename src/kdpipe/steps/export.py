@@ -23,9 +23,9 @@ whose module maps the tokenizer's ids through its ``vocab_remap`` buffer first) 
   ``export.tensorrt`` is on.
 
 Parity: every validation text goes through the exported folder exactly as a user's would
-(``kdpipe.serving.predictor.Predictor``: its tokenizer, batches and session) and the same token arrays
-through the PyTorch student. A max |logit difference| above ``export.parity_tolerance`` is
-a ``KdpipeError`` and nothing is written.
+(``kdpipe.serving.predictor.Predictor``: its tokenizer, batches and session) and the same
+token arrays through the PyTorch student. A max |logit difference| above
+``export.parity_tolerance`` is a ``KdpipeError`` and nothing is written.
 """
 
 from __future__ import annotations

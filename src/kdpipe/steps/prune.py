@@ -5,9 +5,9 @@ Reads ``student_dir`` (distill: the student and its tokenizer), ``prepared_dir``
 training texts whose tokens are kept; the validation split it is scored on) and
 ``soft_labels_dir`` (the teacher's logits, for the fine-tune). Writes ``out_dir`` atomically:
 the pruned student (``student/``, ``vocab_remap.safetensors``, ``pruning.json``; load it with
-``kdpipe.compression.pruning.load_pruned``: it reads the tokenizer's original ids), the tokenizer, and
-``prune.json`` (parameters, vocabulary, sizes, sparsity and validation accuracy after each
-stage).
+``kdpipe.compression.pruning.load_pruned``: it reads the tokenizer's original ids), the
+tokenizer, and ``prune.json`` (parameters, vocabulary, sizes, sparsity and validation
+accuracy after each stage).
 """
 
 from __future__ import annotations

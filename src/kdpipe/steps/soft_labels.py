@@ -7,7 +7,8 @@ Outputs in ``out_dir`` (replaced atomically), rows in each split's original orde
 - ``{train,validation,test}_features.npy``: float32 ``(rows, hidden)``, the last hidden
   layer at position 0 ([CLS]), when ``soft_labels.features``;
 - when ``soft_labels.augment.enabled``, the augmented transfer set made from train
-  (``kdpipe.training.augment``; no gold labels): ``augment_logits.npy`` (+ ``augment_features.npy``),
+  (``kdpipe.training.augment``; no gold labels): ``augment_logits.npy``
+  (+ ``augment_features.npy``),
   ``augment_source.npy`` (int64, the train row each variant came from) and
   ``augment_texts.parquet`` (column ``text``);
 - ``manifest.json``: cache key and its parts, array shapes, cache hit, seconds, texts/s.

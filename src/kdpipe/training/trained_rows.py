@@ -4,9 +4,9 @@ A distilled student's embedding is the teacher's vocabulary wide (30,522 rows fo
 SST-2's training texts hold 11,572 distinct tokens. The rows of the others never receive a
 gradient, but the backward pass, gradient clipping and a dense optimizer still go over all
 of them on every step (the saving, measured by ``bench/train_step.py``:
-``docs/decisions.md#only-reachable-embedding-rows-are-trained``). ``RowSubsetEmbedding`` keeps the reachable rows as the trainable
-parameter and the rest as a frozen buffer; ``merge`` turns it back into a plain
-``nn.Embedding`` before the student is saved.
+``docs/decisions.md#only-reachable-embedding-rows-are-trained``). ``RowSubsetEmbedding``
+keeps the reachable rows as the trainable parameter and the rest as a frozen buffer;
+``merge`` turns it back into a plain ``nn.Embedding`` before the student is saved.
 
 The result is the same model a full-table run trains (the unreached rows get zero gradient,
 so Adam leaves them as they were; gradient clipping sees the same norm) provided there is no

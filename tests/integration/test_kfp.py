@@ -22,9 +22,10 @@ from kdpipe.kfp.pipeline import compile_pipeline
 from kdpipe.kfp.submit import check_cluster_config, submit
 from kdpipe.pipeline import STEPS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPONENTS = {"ingest", "teacher", "baseline", "plan-shards", "soft-label-shard",
-              "merge-soft-labels", "fractionate", "distill", "prune", "export", "quantize", "evaluate", "gate",
+              "merge-soft-labels", "fractionate", "distill", "prune", "export", "quantize",
+              "evaluate", "gate",
               "register"}
 GPU_TASKS = {"teacher", "soft-label-shard", "export"}
 CLUSTER_TRACKING = {"tracking": {"uri": "http://mlflow.example:5000"}}
@@ -412,7 +413,8 @@ def test_the_local_dag_makes_what_kdpipe_run_makes_and_registers(
                              tracking={"uri": uri, "experiment": "kfp"})
     kfp_cfg = validate(settings)
     (tmp_path / "kfp.yaml").write_text(yaml.safe_dump(settings))
-    dag = CliRunner().invoke(app, ["run", "--runner", "kfp-local", "-p", str(tmp_path / "kfp.yaml")])
+    dag = CliRunner().invoke(app, ["run", "--runner", "kfp-local",
+                                   "-p", str(tmp_path / "kfp.yaml")])
     assert dag.exit_code == 0, dag.output
     assert "registered: yes" in dag.output
     log = kfp_cfg.paths.root / "kfp-local.log"

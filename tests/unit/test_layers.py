@@ -56,7 +56,7 @@ def part(module: str) -> str:
 
 def test_every_part_of_the_package_is_placed_in_a_layer():
     unplaced = {part(m) for m in modules()} - FOUNDATION - set(ALLOWED)
-    assert not unplaced, f"place {sorted(unplaced)} in tests/test_layers.py and the docs"
+    assert not unplaced, f"place {sorted(unplaced)} in tests/unit/test_layers.py and the docs"
 
 
 @pytest.mark.parametrize("module", modules())

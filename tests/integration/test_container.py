@@ -24,7 +24,7 @@ from kdpipe.config import Config
 
 pytestmark = pytest.mark.container
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILD_TIMEOUT_S = 1800
 
 

@@ -4,7 +4,7 @@ AST, so strings and comments don't count) for every loader that can run pickle."
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "kdpipe"
+SRC = Path(__file__).resolve().parents[2] / "src" / "kdpipe"
 
 
 def calls(tree):

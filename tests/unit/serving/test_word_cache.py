@@ -1,4 +1,5 @@
-"""kdpipe.serving.word_cache: ids per memoised word equal the tokenizer's own, or it stands aside."""
+"""kdpipe.serving.word_cache: ids per memoised word equal the tokenizer's own, or it stands
+aside."""
 
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ def test_pipeline_run_has_a_nested_run_per_step_with_params_and_data_card(
     distill_run = next(c for c in children if c.info.run_name == "distill")
     assert "loss/total" in distill_run.data.metrics  # per-step curves through log_metric
 
-    predicted = CliRunner().invoke(app, ["predict", "--model", "work/quantized", "good film", "bad"])
+    predicted = CliRunner().invoke(app, ["predict", "--model", "work/quantized",
+                                         "good film", "bad"])
     assert predicted.exit_code == 0, predicted.output
     lines = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert [line["text"] for line in lines] == ["good film", "bad"]

@@ -157,7 +157,7 @@ def test_champion_loads_in_a_fresh_process_without_torch(champion_store, tmp_pat
         assert row["score"] == max(row["prob_neg"], row["prob_pos"])
     # kdpipe came from the copy shipped inside the model, not from this checkout.
     assert "/code/kdpipe/" in result["kdpipe"]
-    assert not result["kdpipe"].startswith(str(Path(__file__).parent.parent / "src"))
+    assert not result["kdpipe"].startswith(str(Path(__file__).resolve().parents[2] / "src"))
 
 
 def _free_port() -> int:

@@ -29,7 +29,7 @@ def test_long_texts_get_exactly_variants_each_grouped_by_source():
     assert source.dtype == np.int64
     np.testing.assert_array_equal(source, [0, 0, 0, 1, 1, 1])
     for i, text in enumerate(texts):
-        mine = [v for v, s in zip(variants, source) if s == i]
+        mine = [v for v, s in zip(variants, source, strict=True) if s == i]
         assert len(set(mine)) == 3 and text not in mine
 
 
@@ -65,7 +65,7 @@ def test_ngram_sampling_keeps_a_contiguous_run_of_at_most_ngram_max_words():
     variants, source = make_variants(TEXTS, cfg, seed=3, mask_token=MASK)
     assert variants
     lengths = set()
-    for variant, i in zip(variants, source):
+    for variant, i in zip(variants, source, strict=True):
         words, cut = TEXTS[i].split(), variant.split()
         lengths.add(len(cut))
         assert 1 <= len(cut) <= 3

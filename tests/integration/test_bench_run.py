@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import separable_rows, write_csv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import run as bench  # noqa: E402
 from baseline import tfidf_lr  # noqa: E402
 
@@ -86,7 +86,8 @@ def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys):
     assert saved["scaling"]["1"]["train_rows"] == 240
     rerun = saved["rerun"]
     # distill and prune read the distill settings; ingest always runs; the rest is skipped.
-    assert rerun["stages_changed"] == ["distill", "ingest", "prune", "register"] and rerun["seconds"] > 0
+    assert rerun["stages_changed"] == ["distill", "ingest", "prune", "register"]
+    assert rerun["seconds"] > 0
     assert set(saved["targets"]) >= {"int8_pct_of_teacher", "b32_vs_teacher_int8",
                                      "rerun_fraction_of_cold"}
     assert doc["targets"] == saved["targets"]

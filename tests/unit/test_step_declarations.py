@@ -12,7 +12,7 @@ from kdpipe.config import Config, load_config, validate
 from kdpipe.pipeline import STEPS, step_named
 from kdpipe.step_settings import UndeclaredSetting, check_keys, subset, view
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Modules every step imports whose changes do not change what a step computes, so a change
 # to them need not re-run the pipeline: the settings schema (the values are in params.yaml,
 # which DVC tracks as params), errors' wording, how files are written, telemetry switches,

@@ -6,7 +6,7 @@ import yaml
 from kdpipe.config import Config, load_config
 from kdpipe.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

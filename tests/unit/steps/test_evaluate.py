@@ -315,7 +315,8 @@ def test_a_baseline_without_a_listed_teacher_is_refused(run_folders, tmp_path):
     both = small.model_copy(update={"evaluate": e.model_copy(
         update={"models": ["teacher_int8", "quantized"]})})
     with pytest.raises(KdpipeError, match=r"has no 'teacher_int8'.*`kdpipe baseline`"):
-        evaluate.run(both, out_dir=tmp_path / "ev", **{**folders, "baseline_dir": tmp_path / "base"})
+        evaluate.run(both, out_dir=tmp_path / "ev",
+                     **{**folders, "baseline_dir": tmp_path / "base"})
     done = evaluate.run(small, out_dir=tmp_path / "ev", **{**folders,
                                                             "baseline_dir": tmp_path / "base"})
     assert done.metrics["quantized.agreement_with_teacher"] >= 0.0

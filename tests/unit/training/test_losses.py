@@ -1,4 +1,5 @@
-"""kdpipe.training.losses against values worked out by hand (math.exp / math.log, not the same torch ops)."""
+"""kdpipe.training.losses against values worked out by hand (math.exp / math.log, not the
+same torch ops)."""
 
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ def test_an_unreached_id_reads_its_frozen_row(tiny_bert, tiny_tokenizer):
     assert student.embedding(every)[0].requires_grad
 
 
-def test_distill_trains_only_reachable_rows_without_weight_decay(pipeline_dir, tmp_path,
+def test_distill_trains_only_reachable_rows_without_weight_decay(pipeline_dir, tmp_path,  # noqa: F811
                                                                 monkeypatch):
     restricted = []
     restrict = trained_rows.restrict

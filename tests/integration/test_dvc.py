@@ -14,7 +14,7 @@ from conftest import separable_rows, write_csv
 
 from kdpipe.steps import ingest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = str(Path(sys.executable).parent)
 pytestmark = pytest.mark.slow
 

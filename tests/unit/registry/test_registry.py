@@ -375,7 +375,8 @@ def test_tracking_off_skips_registration_and_says_so(env, tmp_path):
 
     cfg, root, folders = env
     off = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
-    evaluation = write_metrics(tmp_path / "evaluation", {"quantized": metrics_entry(1.0, 1000, 1.0)})
+    evaluation = write_metrics(tmp_path / "evaluation",
+                               {"quantized": metrics_entry(1.0, 1000, 1.0)})
     result = register_step.run(off, folders["good"], evaluation, off.paths.prepared,
                                tmp_path / "register")
     record = json.loads((tmp_path / "register" / "register.json").read_text())

@@ -47,7 +47,7 @@ def test_padded_states_and_gradients_equal_the_packed_ones(layers, bidirectional
     want_grads = torch.autograd.grad((want * weights).sum(), inputs)
     got_grads = torch.autograd.grad((got * weights).sum(), inputs)
     for name, g, w in zip(["x", *(n for n, _ in lstm.named_parameters())], got_grads,
-                          want_grads):
+                          want_grads, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0, msg=name)
 
 

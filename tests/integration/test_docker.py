@@ -1,7 +1,8 @@
 """The container images: both Dockerfiles pass hadolint, install from the wheelhouse, and the
 build context is the wheelhouse and the pins only; docker/build.sh makes the wheelhouse,
 builds, pushes and reports the images. (build.sh runs here against a stand-in `docker` and
-`python`, in a copy of the repository's skeleton; tests/test_container.py builds for real.)"""
+`python`, in a copy of the repository's skeleton; tests/integration/test_container.py builds
+for real.)"""
 
 import os
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = [REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.gpu"]
 
 
@@ -97,7 +98,8 @@ def dockerignore_excludes(path: str) -> bool:
 
 @pytest.mark.parametrize("path", [
     "work/mlflow.db", "work/teacher/model.safetensors", ".venv/bin/python", ".git/HEAD",
-    ".dvc/cache/files/md5/ab/cdef", ".kdpipe-cache/x/train_logits.npy", "tests/test_kfp.py",
+    ".dvc/cache/files/md5/ab/cdef", ".kdpipe-cache/x/train_logits.npy",
+    "tests/integration/test_kfp.py",
     ".pytest_cache/v/cache/lastfailed", "bench/results/run.json", "mlruns/0/meta.yaml",
     "src/kdpipe/cli.py", "src/kdpipe.egg-info/PKG-INFO", "build/lib/kdpipe/cli.py",
     "build/bdist.linux-x86_64/wheel/kdpipe/cli.py", "build/.build.lock",

@@ -65,7 +65,8 @@ def _case_null_label_jsonl(tmp):
 def _case_nan_label_parquet(tmp):
     import pandas as pd
 
-    frame = pd.DataFrame({"text": [t for t, _ in GOOD], "label": [1.0, 0.0] * 14 + [float("nan"), 1.0]})
+    frame = pd.DataFrame({"text": [t for t, _ in GOOD],
+                          "label": [1.0, 0.0] * 14 + [float("nan"), 1.0]})
     frame.to_parquet(tmp / "d.parquet")
     return tmp / "d.parquet", r"d\.parquet: row 29: label is missing"
 
@@ -143,7 +144,8 @@ def test_bad_input_is_one_clear_line(cli, tmp_path, case):
     assert re.search(expected, error_lines[0]), error_lines[0]
     assert "Traceback" not in result.output
     assert not (tmp_path / "work" / "prepared").exists()
-    assert not list((tmp_path / "work").glob(".prepared*")) if (tmp_path / "work").exists() else True
+    if (tmp_path / "work").exists():
+        assert not list((tmp_path / "work").glob(".prepared*"))
 
 
 def test_unknown_key_in_params_file(cli, tmp_path):

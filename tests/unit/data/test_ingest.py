@@ -114,7 +114,8 @@ def test_duplicates_are_reported_and_dropped_when_configured(make_config, tmp_pa
     assert dup["train_conflicting_labels"] == 1
     assert dup["train_validation_overlap"] == 1
     assert card["rows"]["train"] == 34
-    _, dropped = _ingest(make_config(**{"data.source": str(folder), "ingest.drop_duplicates": True}))
+    _, dropped = _ingest(make_config(**{"data.source": str(folder),
+                                        "ingest.drop_duplicates": True}))
     assert dropped["dropped_from_train"] == 4
     assert dropped["rows"]["train"] == 30
 
@@ -129,7 +130,8 @@ def test_texts_are_normalised_only_as_configured(make_config, tmp_path):
     _ingest(cfg)
     assert read_split(cfg.paths.prepared / "train.parquet").texts[:2] == [rows[0][0], rows[1][0]]
     cfg = make_config(**{"data.source": str(folder), "ingest.normalize.collapse_whitespace": True,
-                         "ingest.normalize.lowercase": True, "ingest.normalize.unicode_form": "NFC"})
+                         "ingest.normalize.lowercase": True,
+                         "ingest.normalize.unicode_form": "NFC"})
     _ingest(cfg)
     assert read_split(cfg.paths.prepared / "train.parquet").texts[:2] == ["café good", "café bad"]
 
@@ -156,7 +158,8 @@ def test_a_one_megabyte_text_is_accepted_and_counted_as_truncated(make_config, t
     _, card = _ingest(cfg)
     lengths = card["token_length"]
     big_split = next(s for s in ("train", "validation", "test")
-                     if "good " * 10 in "".join(read_split(cfg.paths.prepared / f"{s}.parquet").texts))
+                     if "good " * 10 in "".join(
+                         read_split(cfg.paths.prepared / f"{s}.parquet").texts))
     assert lengths[big_split]["max"] == ingest.STATS_TOKEN_CAP
     assert lengths[big_split]["truncated_fraction"] > 0
     texts = read_split(cfg.paths.prepared / f"{big_split}.parquet").texts
@@ -166,7 +169,8 @@ def test_a_one_megabyte_text_is_accepted_and_counted_as_truncated(make_config, t
 def test_hub_id_offline_says_how_to_use_local_files(make_config, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"some-org/some-set: .*Hugging Face hub.*data\.source=path"):
+    with pytest.raises(DataError,
+                       match=r"some-org/some-set: .*Hugging Face hub.*data\.source=path"):
         ingest.run(make_config(**{"data.source": "some-org/some-set"}), ingest.Path("/tmp/unused"))
 
 
@@ -184,6 +188,7 @@ def test_failed_write_leaves_the_previous_output_intact(make_config, separable_c
 
     monkeypatch.setattr(ingest, "write_split", flaky)
     with pytest.raises(OSError, match="disk full"):
-        ingest.run(make_config(**{"data.source": str(separable_csv), "seed": 3}), cfg.paths.prepared)
+        ingest.run(make_config(**{"data.source": str(separable_csv), "seed": 3}),
+                   cfg.paths.prepared)
     assert {p.name: p.read_bytes() for p in cfg.paths.prepared.iterdir()} == before
     assert [p.name for p in cfg.paths.prepared.parent.iterdir()] == ["prepared"]

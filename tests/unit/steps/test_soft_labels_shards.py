@@ -45,7 +45,8 @@ def test_merged_shards_equal_the_unsharded_run_byte_for_byte(setup, tiny_bert, t
     sizes = [int(np.load(d / "validation_rows.npy").size) for d in shards]
     assert sum(sizes) == 20 and (num_shards == 2 or 0 in sizes)  # 20 rows = 2 batches of 16
 
-    result = soft_label_shards.merge(list(reversed(shards)), tmp_path / "merged", cfg.paths.prepared)
+    result = soft_label_shards.merge(list(reversed(shards)), tmp_path / "merged",
+                                     cfg.paths.prepared)
     merged = result.out_dir
     names = sorted(p.name for p in whole.iterdir())
     assert sorted(p.name for p in merged.iterdir()) == names
