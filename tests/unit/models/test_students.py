@@ -281,3 +281,14 @@ def test_textcnn_windows_as_matmul_match_its_convolutions(widths, filters):
     torch.testing.assert_close(by_matmul.logits, by_conv.logits, atol=1e-5, rtol=0)
     wider = model(F.pad(ids, (0, 4)), F.pad(mask, (0, 4)))  # more padding changes nothing
     torch.testing.assert_close(wider.logits, by_matmul.logits, atol=1e-5, rtol=0)
+
+
+def test_the_settings_name_exactly_the_registered_students():
+    from typing import get_args
+
+    from kdpipe.models.base import Student
+    from kdpipe.models.students import STUDENTS
+
+    names = set(get_args(StudentConfig.model_fields["arch"].annotation))
+    assert names == set(STUDENTS)
+    assert all(issubclass(cls, Student) and cls.arch == name for name, cls in STUDENTS.items())
