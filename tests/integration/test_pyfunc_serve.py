@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from server_stack import models_serve, post_json
 from test_registry import (
     keyword_model,
     metrics_entry,
@@ -160,95 +156,29 @@ def test_champion_loads_in_a_fresh_process_without_torch(champion_store, tmp_pat
     assert not result["kdpipe"].startswith(str(Path(__file__).resolve().parents[2] / "src"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _post(url: str, body: bytes) -> tuple[int, dict]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only
-    request = urllib.request.Request(url, data=body,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with opener.open(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
-def _wait_for_ping(url: str, proc: subprocess.Popen, log: Path, limit_s: float = 180) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow models serve exited {proc.returncode}:\n"
-                        f"{log.read_text()[-3000:]}")
-        try:
-            with opener.open(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not answer /ping in {limit_s} s:\n"
-                f"{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """The server and its uvicorn worker share the session started for them: stop the
-    group, then make sure."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_raw_text(champion_store, tmp_path):
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent  # serve runs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": champion_store,
-           "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = tmp_path / "serve.log"
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(
-            [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            cwd=tmp_path)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_for_ping(f"{base}/ping", proc, log)
+    with models_serve(f"models:/{NAME}@champion", {"MLFLOW_TRACKING_URI": champion_store},
+                      tmp_path) as base:
         split = {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}}
-        status, answer = _post(f"{base}/invocations", json.dumps(split).encode())
+        status, answer = post_json(f"{base}/invocations", json.dumps(split).encode())
         assert status == 200, answer
         rows = answer["predictions"]
         assert [row["label"] for row in rows] == EXPECTED
         assert all(row["prob_neg"] + row["prob_pos"] == pytest.approx(1.0) for row in rows)
-        status, answer = _post(f"{base}/invocations",
-                               json.dumps({"inputs": {"text": TEXTS}}).encode())
+        status, answer = post_json(f"{base}/invocations",
+                                   json.dumps({"inputs": {"text": TEXTS}}).encode())
         assert status == 200 and [r["label"] for r in answer["predictions"]] == EXPECTED
-        status, answer = _post(f"{base}/invocations", b"{this is not json")
+        status, answer = post_json(f"{base}/invocations", b"{this is not json")
         assert 400 <= status < 500 and answer["error_code"] == "BAD_REQUEST"
         wrong = {"dataframe_split": {"columns": ["body"], "data": [["x"]]}}
-        status, answer = _post(f"{base}/invocations", json.dumps(wrong).encode())
+        status, answer = post_json(f"{base}/invocations", json.dumps(wrong).encode())
         assert 400 <= status < 500 and "text" in answer["message"]
         # Past MLflow's schema check, the model's own refusal is a 400 too.
-        status, answer = _post(f"{base}/invocations",
-                               json.dumps({"dataframe_records": [{"text": None}]}).encode())
+        status, answer = post_json(f"{base}/invocations",
+                                   json.dumps({"dataframe_records": [{"text": None}]}).encode())
         assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
         assert "text 0 is missing (null)" in answer["message"]
-    finally:
-        _stop(proc)
-    assert proc.poll() is not None
 
 
 TORCH_NAME = "served-int8-torch"
