@@ -249,3 +249,50 @@ def models_serve(model_uri: str, env: dict[str, str], folder: Path,
         yield base
     finally:
         stop(process)
+
+
+# One writer of concurrent_logging: logs ``metrics`` values of its own key into one run.
+_WRITER = """
+import sys, time
+from mlflow import MlflowClient
+uri, run_id, key, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+client = MlflowClient(tracking_uri=uri)
+errors = 0
+for step in range(count):
+    try:
+        client.log_metric(run_id, key, float(step), step=step)
+    except Exception as exc:  # counted: the point is how many fail
+        errors += 1
+        print(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+print(errors)
+"""
+
+
+def concurrent_logging(uri: str, processes: int, metrics: int) -> dict:
+    """``processes`` writers at once, each logging ``metrics`` steps of its own key into one
+    new run (as parallel KFP tasks log to one experiment); what arrived, what failed, how
+    long it took. Every writer is a process of its own, as the tasks are."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("concurrency")
+    experiment_id = (experiment.experiment_id if experiment is not None
+                     else client.create_experiment("concurrency"))
+    run_id = client.create_run(experiment_id).info.run_id
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    start = time.perf_counter()
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, uri, run_id, f"w{i}",
+                                 str(metrics)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+               for i in range(processes)]
+    outputs = [w.communicate(timeout=600) for w in writers]
+    seconds = time.perf_counter() - start
+    errors = sum(int(out.strip().splitlines()[-1]) if out.strip() else metrics
+                 for out, _ in outputs)
+    arrived = sum(len(client.get_metric_history(run_id, f"w{i}")) for i in range(processes))
+    first_error = next((err.strip().splitlines()[0] for _, err in outputs if err.strip()), None)
+    client.set_terminated(run_id)
+    return {"processes": processes, "metrics_each": metrics, "logged": processes * metrics,
+            "arrived": arrived, "errors": errors, "exit_codes": [w.returncode for w in writers],
+            "seconds": round(seconds, 1), "first_error": first_error}

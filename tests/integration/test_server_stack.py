@@ -92,3 +92,10 @@ def test_the_pipeline_logs_registers_and_serves_through_the_server_stack(
             f"{base}/invocations", json.dumps({"inputs": {"text": ["good film"]}}).encode())
     assert status == 200, answer
     assert answer["predictions"][0]["label"] in {"pos", "neg"}
+
+
+def test_eight_processes_log_into_one_run_at_once_and_nothing_is_lost(stack):
+    result = server_stack.concurrent_logging(stack.tracking_uri, processes=8, metrics=40)
+    assert result["exit_codes"] == [0] * 8
+    assert result["errors"] == 0, result["first_error"]
+    assert result["arrived"] == 8 * 40
