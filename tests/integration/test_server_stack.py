@@ -16,6 +16,7 @@ from kdpipe.pipeline import STEPS
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 MODEL = "stack-student"
+SECRET = "stack-s3cr3t-do-not-log"
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,12 @@ def test_the_pipeline_logs_registers_and_serves_through_the_server_stack(
 
     # One line per version: the CLI's console measures its width once, at import.
     monkeypatch.setattr(cli, "out", Console(width=200))
+    # Credentials a user's shell holds: none may reach MLflow, the bucket, logs or files.
+    for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "PGPASSWORD", "KFP_API_TOKEN"):
+        monkeypatch.setenv(name, SECRET)
 
-    kdpipe_on_stack("run")
+    result = kdpipe_on_stack("run")
+    assert SECRET not in result.output
     client = mlflow.MlflowClient(tracking_uri=stack.tracking_uri)
     experiment = client.get_experiment_by_name("stack")
     runs = client.search_runs([experiment.experiment_id])
@@ -72,14 +77,25 @@ def test_the_pipeline_logs_registers_and_serves_through_the_server_stack(
     assert "loss/total" in children["distill"].data.metrics
 
     # Artifacts went through the server into the bucket (the client holds no S3 credentials).
-    keys = [o["Key"] for o in server_stack.s3_client(stack.s3_endpoint).list_objects_v2(
-        Bucket=stack.bucket, MaxKeys=1000).get("Contents", [])]
+    s3 = server_stack.s3_client(stack.s3_endpoint)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.bucket, MaxKeys=1000)
+            .get("Contents", [])]
     evaluate_id = children["evaluate"].info.run_id
     assert any(evaluate_id in k and k.endswith("comparison.md") for k in keys), keys[:20]
     assert any(evaluate_id in k and k.endswith(".png") for k in keys)
     assert any(k.endswith("model.onnx") for k in keys)
 
+    # Neither the client's secrets nor the server's S3 key reached the store or the bucket.
+    for needle in (SECRET, server_stack.SECRET_KEY):
+        for run in runs:
+            assert needle not in json.dumps({**run.data.params, **run.data.tags})
+        assert [p for p in tmp_path.rglob("*") if p.is_file()
+                and needle.encode() in p.read_bytes()] == []
+        assert [k for k in keys if needle.encode() in s3.get_object(
+            Bucket=stack.bucket, Key=k)["Body"].read()] == []
+
     champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert SECRET not in (champion.description or "") + json.dumps(champion.tags)
     assert client.get_model_version_by_alias(MODEL, "challenger").version == champion.version
     listed = kdpipe_on_stack("models")
     row = next(line for line in listed.stdout.splitlines() if "champion" in line)
