@@ -2,8 +2,6 @@
 
 - ``exportable(model)``: a copy of a student that returns logits only and that the
   TorchScript-based ONNX exporter can trace (each student's ``export_form``).
-- ``ort_session`` / ``save_optimized`` / ``ORT_LEVELS``: re-exported from ``kdpipe.serving.ort``,
-  the torch-free ONNX Runtime module that serving uses.
 - ``build_tensorrt_engine``: imports TensorRT itself, so call it only once
   ``tensorrt_unavailable()`` returned None.
 """
@@ -22,10 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from kdpipe.errors import KdpipeError
-
-# The ONNX Runtime half lives in kdpipe.serving.ort (torch-free, for serving); its names stay
-# importable from here.
-from kdpipe.serving.ort import ORT_LEVELS, import_onnxruntime, ort_session, save_optimized  # noqa: F401
 from kdpipe.serving.ort import first_line as _first_line
 
 # The TorchScript exporter's newest opset (torch 2.13); newer ones are reached by converting

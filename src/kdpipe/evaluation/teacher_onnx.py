@@ -42,9 +42,9 @@ def export_teacher(cfg: Config, teacher_dir: Path, module: Any, tokenizer: Any,
         example_inputs,
         export_onnx,
         parity_report,
-        save_optimized,
         torch_logits,
     )
+    from kdpipe.serving.ort import save_optimized
 
     e = cfg.export
     out.mkdir(parents=True)

@@ -47,7 +47,6 @@ from kdpipe.compression.onnx_export import (
     example_inputs,
     export_onnx,
     parity_report,
-    save_optimized,
     tensorrt_unavailable,
     torch_logits,
 )
@@ -55,6 +54,7 @@ from kdpipe.config import Config
 from kdpipe.data.prepare import read_labels, read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import student_record
+from kdpipe.serving.ort import save_optimized
 from kdpipe.serving.predictor import BATCH_SIZE, MODEL_FILE, RECORD_FILE, Predictor, load_tokenizer
 from kdpipe.step_result import StepResult
 

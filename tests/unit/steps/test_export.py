@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import prepared_config, save_fresh_student
 
-from kdpipe.compression.onnx_export import exportable, ort_session
+from kdpipe.compression.onnx_export import exportable
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.models.students import load_student
 from kdpipe.models.teacher import load_tokenizer
+from kdpipe.serving.ort import ort_session
 from kdpipe.serving.predictor import Predictor
 from kdpipe.serving.predictor import load_tokenizer as load_folder_tokenizer
 from kdpipe.steps import export

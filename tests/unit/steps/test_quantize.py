@@ -92,7 +92,7 @@ def test_op_types_limit_what_is_quantized(exported, tmp_path):
 def test_runtime_only_operators_are_reported(tmp_path):
     # ORT's "extended" level saves its own fused operators (a Conv + ReLU becomes FusedConv),
     # which the quantizer does not know: the quantize record lists them as left in float.
-    from kdpipe.compression.onnx_export import save_optimized
+    from kdpipe.serving.ort import save_optimized
 
     module = torch.nn.Sequential(torch.nn.Conv1d(4, 3, 2), torch.nn.ReLU()).eval()
     torch.onnx.export(module, (torch.randn(1, 4, 5),), str(tmp_path / "plain.onnx"),
