@@ -135,7 +135,8 @@ def _load_from_dvc(cfg: DataConfig) -> Source:
     except DataError:
         raise
     except Exception as exc:  # dvc/scmrepo raise many types for a bad repo, rev or remote
-        raise DataError(f"data.repo {cfg.repo!r} at rev {cfg.rev!r}: {exc}") from None
+        raise DataError(f"data.repo {cfg.repo!r} at rev {cfg.rev!r}: {_dvc_failure(exc)}") \
+            from None
     source.provenance = {
         "kind": "dvc",
         "repo": cfg.repo,
@@ -144,6 +145,32 @@ def _load_from_dvc(cfg: DataConfig) -> Source:
         "git_commit": commit,
     }
     return source
+
+
+# Exception class names (matched along the MRO, so no botocore/aiohttp import) that mean the
+# DVC remote did not answer, or had no keys to sign with. botocore's EndpointConnectionError
+# and ConnectTimeoutError derive from its own ConnectionError.
+_UNREACHABLE = {"ConnectionError", "TimeoutError", "ReadTimeoutError"}
+_NO_KEYS = {"NoCredentialsError", "PartialCredentialsError"}
+
+
+def _dvc_failure(exc: Exception) -> str:
+    """``exc`` in one line, with what to check for the usual ways a DVC remote fails: the
+    bare texts ("Forbidden", "No storage files available") do not say it is the remote."""
+    lines = str(exc).strip().splitlines()
+    reason = lines[0][:300] if lines else type(exc).__name__
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    # s3fs/gcsfs turn a 401/403 into a PermissionError without errno; a local one has EACCES.
+    if names & _NO_KEYS or (isinstance(exc, PermissionError) and exc.errno is None):
+        return (f"no access to the DVC remote ({reason}); check its credentials "
+                "(for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment)")
+    if names & _UNREACHABLE:
+        return (f"cannot reach the DVC remote ({reason}); check its url and endpointurl: "
+                "dvc config --list --show-origin")
+    if isinstance(exc, FileNotFoundError) and "No storage files available" in reason:
+        # DVC's text when the file's md5 is in neither the local cache nor the remote.
+        return f"{reason}; not in the DVC cache nor in the remote: was it pushed (dvc push)?"
+    return reason
 
 
 def _git_state(path: Path) -> dict[str, Any]:
