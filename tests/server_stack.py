@@ -25,6 +25,8 @@ from pathlib import Path
 
 PG_BIN_DIRS = [Path("/usr/lib/postgresql") / v / "bin" for v in ("17", "16", "15", "14")]
 ACCESS_KEY, SECRET_KEY = "stack-access-key", "stack-secret-key"
+# Loopback connections need this password (scram-sha-256), as a team's database would.
+DB_PASSWORD = "stack-db-pa55word"
 START_TIMEOUT_S = 90
 
 
@@ -38,6 +40,28 @@ class Stack:
     s3_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     root: Path | None = None
+    pg_data: Path | None = None
+
+    @contextlib.contextmanager
+    def postgres_stopped(self) -> Iterator[None]:
+        """PostgreSQL down for the block (the MLflow server left running), then up again
+        on the same port and data."""
+        assert self.pg_data is not None
+        _run(_as_postgres([pg_binary("pg_ctl"), "-D", str(self.pg_data), "-m", "fast", "-w",
+                           "stop"]), "pg_ctl stop", 60)
+        try:
+            yield
+        finally:
+            _pg_start(self.pg_data, int(self.database_uri.rsplit(":", 1)[1].split("/")[0]))
+
+    def restart_mlflow(self, down_s: float = 0.0) -> None:
+        """Stop the MLflow server, wait ``down_s``, start it again on the same port."""
+        assert self.root is not None
+        stop(self.processes["mlflow"])
+        time.sleep(down_s)
+        port = int(self.tracking_uri.rsplit(":", 1)[1])
+        self.processes["mlflow"], _ = start_mlflow(self.root, self.database_uri, self.bucket,
+                                                   self.s3_env, port=port)
 
 
 def pg_binary(name: str) -> str | None:
@@ -60,6 +84,21 @@ def missing() -> str | None:
     if os.geteuid() == 0 and _user_id("postgres") is None:
         return "running as root and no 'postgres' user to run PostgreSQL as"
     return None
+
+
+@contextlib.contextmanager
+def required_stack(root: Path) -> Iterator[Stack]:
+    """``running_stack`` for a test module; skipped with the one-line reason where the
+    binaries are missing, except under CI, which must have them."""
+    import pytest
+
+    why = missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have the tracking stack: {why}")
+        pytest.skip(why)
+    with running_stack(root) as running:
+        yield running
 
 
 def free_port() -> int:
@@ -111,24 +150,45 @@ def _run(command: list[str], what: str, timeout: float) -> None:
 
 
 def start_postgres(root: Path) -> tuple[str, Path]:
-    """A new cluster on a free port, trust auth on loopback only; returns the SQLAlchemy URI
-    of its ``postgres`` database and the data folder. Under root the cluster lives in a
-    folder of its own under the system temp folder (pytest's are private to root) owned by
-    the 'postgres' user; ``stop_postgres`` removes it."""
+    """A new cluster on a free port, password auth (``DB_PASSWORD``) on loopback only;
+    returns the SQLAlchemy URI of its ``postgres`` database and the data folder. Under root
+    the cluster lives in a folder of its own under the system temp folder (pytest's are
+    private to root) owned by the 'postgres' user; ``stop_postgres`` removes it."""
     if os.geteuid() == 0:
         root = Path(tempfile.mkdtemp(prefix="kdpipe-pg-"))
         root.chmod(0o755)
         os.chown(root, _user_id("postgres"), -1)
-    data, log = root / "pg", root / "postgres.log"
-    _run(_as_postgres([pg_binary("initdb"), "-D", str(data), "-U", "kdpipe", "--auth=trust",
-                       "-E", "UTF8", "--no-instructions"]), "initdb", 120)
+    data = root / "pg"
+    password_file = root / "pw"
+    password_file.write_text(DB_PASSWORD + "\n")
+    if os.geteuid() == 0:
+        os.chown(password_file, _user_id("postgres"), -1)
+    _run(_as_postgres([pg_binary("initdb"), "-D", str(data), "-U", "kdpipe",
+                       "--auth-host=scram-sha-256", "--auth-local=trust",
+                       f"--pwfile={password_file}", "-E", "UTF8", "--no-instructions"]),
+         "initdb", 120)
+    password_file.unlink()
     port = free_port()
+    _pg_start(data, port)
+    return f"postgresql+psycopg://kdpipe:{DB_PASSWORD}@127.0.0.1:{port}/postgres", data
+
+
+def _pg_start(data: Path, port: int) -> None:
     # Unix sockets in the data folder (not /var/run/postgresql, which may not exist).
     options = f"-p {port} -h 127.0.0.1 -k {data}"
-    _run(_as_postgres([pg_binary("pg_ctl"), "-D", str(data), "-o", options, "-l", str(log),
-                       "-w", "-t", str(START_TIMEOUT_S), "start"]), "pg_ctl start",
-         START_TIMEOUT_S + 30)
-    return f"postgresql+psycopg://kdpipe@127.0.0.1:{port}/postgres", data
+    _run(_as_postgres([pg_binary("pg_ctl"), "-D", str(data), "-o", options, "-l",
+                       str(data.parent / "postgres.log"), "-w", "-t", str(START_TIMEOUT_S),
+                       "start"]), "pg_ctl start", START_TIMEOUT_S + 30)
+
+
+def create_database(database_uri: str, name: str) -> str:
+    """A new database on the stack's server; the URI of it (same user and password)."""
+    import psycopg
+
+    plain = database_uri.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return database_uri.rsplit("/", 1)[0] + f"/{name}"
 
 
 def stop_postgres(data: Path) -> None:
@@ -138,11 +198,14 @@ def stop_postgres(data: Path) -> None:
         shutil.rmtree(data.parent, ignore_errors=True)
 
 
-def start_moto(root: Path) -> tuple[subprocess.Popen, str]:
+def start_moto(root: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free loopback port; ``env``: moto settings (e.g.
+    INITIAL_NO_AUTH_ACTION_COUNT="0" makes it check keys, so that any key is wrong)."""
     port, log = free_port(), root / "moto.log"
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                "-p", str(port)], stdout=log.open("w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
+                                "-p", str(port)], stdout=log.open("a"),
+                               stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, **env})
     endpoint = f"http://127.0.0.1:{port}"
     _wait(lambda: _answers(f"{endpoint}/moto-api/"), "moto's S3 server", log, process)
     return process, endpoint
@@ -155,16 +218,16 @@ def s3_client(endpoint: str):
                         aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
 
 
-def start_mlflow(root: Path, database_uri: str, bucket: str,
-                 s3_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port, log = free_port(), root / "mlflow-server.log"
+def start_mlflow(root: Path, database_uri: str, bucket: str, s3_env: dict[str, str],
+                 port: int | None = None) -> tuple[subprocess.Popen, str]:
+    port, log = port or free_port(), root / "mlflow-server.log"
     env = {**os.environ, **s3_env, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database_uri,
          "--artifacts-destination", f"s3://{bucket}/mlartifacts", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "2"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     _wait(lambda: _answers(f"{uri}/health"), "mlflow server", log, process)
     return process, uri
@@ -198,9 +261,10 @@ def running_stack(root: Path, bucket: str = "kdpipe-artifacts") -> Iterator[Stac
         s3_env = {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                   "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
         server, uri = start_mlflow(root, database_uri, bucket, s3_env)
-        started.append(lambda: stop(server))
-        yield Stack(uri, endpoint, bucket, database_uri, s3_env,
-                    {"moto": moto, "mlflow": server}, root)
+        processes = {"moto": moto, "mlflow": server}
+        # By name: restart_mlflow replaces the server's process.
+        started.append(lambda: stop(processes["mlflow"]))
+        yield Stack(uri, endpoint, bucket, database_uri, s3_env, processes, root, data)
     finally:
         for stop_one in reversed(started):
             stop_one()

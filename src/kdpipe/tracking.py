@@ -44,12 +44,33 @@ def tracking_uri(cfg: Config) -> str:
 PROBE_TRIES = 3
 PROBE_TIMEOUT_S = 3.0
 _reachable: set[str] = set()
+# Past the probe, MLflow's client retries a failed request 7 times with backoff factor 2
+# (about 4 minutes, each try waiting up to 120 s). kdpipe bounds that, unless the user set
+# these: 6 retries 2, 4, 8, 16 and 32 s apart ride out a server restart (one on PostgreSQL
+# took 19-22 s on a 2-core machine), a minute in all; then the run stops with one line.
+RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# Once the store has failed past those retries, ending the runs (marking them FAILED) gets
+# one quick try each: the error is already known, and the user waits for nothing more.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+class TrackingError(KdpipeError):
+    """The tracking store failed (after MLflow's bounded retries)."""
 
 
 def check_reachable(uri: str, tries: int = PROBE_TRIES, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Raise ``KdpipeError`` (one line) when an http(s) tracking server does not answer its
-    ``/health`` endpoint after ``tries`` attempts; other stores (SQLite, files) pass."""
-    if not uri.startswith(("http://", "https://")) or uri in _reachable:
+    ``/health`` endpoint after ``tries`` attempts, or answers it but cannot read its backend
+    store (its database down: ``/health`` does not touch it); other stores pass."""
+    if uri in _reachable:
+        return
+    if uri.startswith(DATABASE_SCHEMES):
+        _check_database(uri, timeout)
+        _reachable.add(uri)
+        return
+    if not uri.startswith(("http://", "https://")):
         return
     import requests
 
@@ -64,12 +85,194 @@ def check_reachable(uri: str, tries: int = PROBE_TRIES, timeout: float = PROBE_T
             problem = type(exc).__name__
             continue
         if response.status_code < 500:
+            _check_backend(uri, timeout)
             _reachable.add(uri)
             return
         problem = f"HTTP {response.status_code}"
     raise KdpipeError(f"MLflow tracking server {redact(uri)} is unreachable ({problem} after "
                       f"{tries} tries); start it, fix MLFLOW_TRACKING_URI / tracking.uri, or "
                       "run with -S tracking.enabled=false")
+
+
+# A database as the tracking URI: MLflow retries creating its engine for about 100 s (a
+# wrong password included) before it reports anything; one connection says it at once.
+DATABASE_SCHEMES = ("postgresql", "mysql")
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(
+            uri, connect_args={"connect_timeout": max(1, round(timeout))})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # the driver's errors (psycopg, pymysql) or a missing driver
+        cause = getattr(exc, "orig", None) or exc
+        raise KdpipeError(f"MLflow database {redact(uri)} cannot be reached: "
+                          f"{redact(_first_line(str(cause)))}") from None
+
+
+def _check_backend(uri: str, timeout: float) -> None:
+    """One cheap read of the server's backend store, without MLflow's retries."""
+    import requests
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+    try:
+        response = requests.get(url, params={"max_results": 1}, timeout=timeout * 3)
+    except requests.RequestException as exc:
+        problem = type(exc).__name__
+    else:
+        if response.status_code < 500:
+            return
+        problem = f"HTTP {response.status_code}: {_server_message(response)}"
+    raise KdpipeError(f"MLflow tracking server {redact(uri)} answers, but a query of its "
+                      f"backend store failed within {timeout * 3:.0f} s ({problem}); check the "
+                      "server's database")
+
+
+def _server_message(response: Any) -> str:
+    """The first line of an MLflow server's error answer (its JSON ``message``)."""
+    try:
+        text = str(response.json().get("message") or response.text)
+    except ValueError:  # an HTML error page: the cause is only in the server's log
+        return f"{response.reason or 'error'} (the server's log says why)"
+    return redact(_first_line(text, 300)) or response.reason
+
+
+def _first_line(text: str, limit: int = 400) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def check_artifacts(uri: str, location: str | None) -> None:
+    """One listing of the experiment's artifact root (S3 behind the server, or the client's
+    own bucket), quickly: a store that cannot be written is found before any step runs,
+    not at the first upload an hour in. Local folders are not probed."""
+    key = f"{uri} {location}"
+    if not location or location.startswith(("file:", "/")) or key in _reachable:
+        return
+    try:
+        if location.startswith("mlflow-artifacts:") and uri.startswith(("http://", "https://")):
+            problem = _list_through_server(uri, location)
+        else:
+            import mlflow
+
+            with _env(FAIL_FAST), _quiet_boto():
+                mlflow.artifacts.list_artifacts(artifact_uri=location, tracking_uri=uri)
+            problem = None
+    except Exception as exc:  # MLflow, boto or requests errors, depending on the store
+        problem = _answer_text(exc)
+    if problem:
+        raise KdpipeError(f"artifact store {redact(location)} of {redact(uri)} cannot be "
+                          f"read: {problem}; check the S3 endpoint and credentials (the "
+                          "server's, for mlflow-artifacts:/)")
+    _reachable.add(key)
+
+
+# The server answers once its own S3 client has given up (botocore retries a refused
+# connection about 5 s); a server that holds on longer is reported as not answering.
+ARTIFACT_PROBE_TIMEOUT_S = 20.0
+
+
+def _list_through_server(uri: str, location: str) -> str | None:
+    """The server's proxied listing of ``location``, once, so that its own error message
+    (S3's answer) comes back rather than MLflow's "too many 500 error responses"."""
+    from urllib.parse import urlparse
+
+    import requests
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow-artifacts/artifacts"
+    try:
+        response = requests.get(url, params={"path": urlparse(location).path.lstrip("/")},
+                                timeout=ARTIFACT_PROBE_TIMEOUT_S)
+    except requests.Timeout:
+        return f"the server did not answer within {ARTIFACT_PROBE_TIMEOUT_S:.0f} s"
+    if response.status_code < 400:
+        return None
+    return f"HTTP {response.status_code}: {_server_message(response)}"
+
+
+def _answer_text(exc: Exception) -> str:
+    """What went wrong, short: the server's own message when MLflow quotes its answer
+    ("... Response text: {json}"), else the first line of the error."""
+    import json
+
+    text = str(exc)
+    quoted = text.partition("Response text: ")[2]
+    if quoted:
+        with contextlib.suppress(ValueError, AttributeError):
+            return redact(_first_line(str(json.loads(quoted)["message"]), 300))
+    if "Read timed out" in text:
+        return "no answer in time"
+    if "Max retries exceeded" in text:  # requests' text for a server that is not there
+        why = "connection refused" if "refused" in text else "no connection"
+        return f"{why}, after MLflow's retries"
+    return redact(_first_line(text, 300))
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _quiet_boto() -> Iterator[None]:
+    """botocore retries a refused connection with its own backoff; one try is the probe."""
+    with _env({"AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}):
+        yield
+
+
+_guard_depth = 0
+
+
+@contextlib.contextmanager
+def store_guard(uri: str, where: str) -> Iterator[None]:
+    """An MLflow store failure inside the block (after the bounded retries) becomes one
+    ``TrackingError`` line saying what to do; the outermost guard restores the retry
+    settings that ``fail_fast`` lowered for ending the runs."""
+    from mlflow.exceptions import MlflowException
+
+    global _guard_depth
+    saved = {k: os.environ.get(k) for k in FAIL_FAST}
+    _guard_depth += 1
+    try:
+        yield
+    except MlflowException as exc:
+        raise TrackingError(
+            f"MLflow tracking store {redact(uri)} failed during {where}: {_answer_text(exc)}; "
+            "once it answers again, rerun: finished steps' outputs are kept and training "
+            "resumes from its checkpoints") from None
+    finally:
+        _guard_depth -= 1
+        if _guard_depth == 0:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@contextlib.contextmanager
+def fail_fast() -> Iterator[None]:
+    """Inside a run: after a store failure, the run's end (and its parents') tries once."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException:
+        os.environ.update(FAIL_FAST)
+        raise
 
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
@@ -91,6 +294,8 @@ def configure(cfg: Config) -> str:
     for name in ("mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri(cfg)
+    for key, value in RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     check_reachable(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -99,15 +304,30 @@ def configure(cfg: Config) -> str:
     mlflow.set_tracking_uri(uri)
     if before != uri and os.environ.get("MLFLOW_TRACKING_URI") == uri:
         _set_by_us = uri
-    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):
-        # A SQLite store has no artifact root of its own; keep artifacts beside the DB
-        # instead of in ./mlruns of whatever folder the command ran from.
-        location = cfg.paths.mlflow_artifacts.resolve().as_uri()
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    with store_guard(uri, "opening the experiment"):
+        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            location = None
+            if uri.startswith("sqlite:"):
+                # A SQLite store has no artifact root of its own; keep artifacts beside the
+                # DB instead of in ./mlruns of whatever folder the command ran from.
+                location = cfg.paths.mlflow_artifacts.resolve().as_uri()
+            _create_experiment(cfg.tracking.experiment, location)
+            experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    check_artifacts(uri, experiment.artifact_location)
+    return experiment.experiment_id
+
+
+def _create_experiment(name: str, location: str | None) -> None:
+    """Create experiment ``name``; another run that just created it is as good."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -148,8 +368,9 @@ def pipeline_run(cfg: Config, name: str = "pipeline") -> Iterator[str | None]:
     import mlflow
 
     experiment_id = configure(cfg)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name,
-                          tags=_run_tags(cfg)) as run:
+    with store_guard(tracking_uri(cfg), f"the {name} run"), \
+            mlflow.start_run(experiment_id=experiment_id, run_name=name,
+                             tags=_run_tags(cfg)) as run, fail_fast():
         mlflow.log_params(flatten(cfg.model_dump(mode="json")))
         yield run.info.run_id
 
@@ -170,8 +391,9 @@ def step_run(cfg: Config, step: str, fn: Callable[[LogMetric | None], StepResult
     parent = active.info.run_id if active else os.environ.get(PARENT_ENV)
     # A task's partial settings would hash to a value no whole run has: tag only the whole.
     tags = {"kdpipe.step": step, **(_run_tags(cfg) if settings is None else {})}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=step,
-                          parent_run_id=parent, nested=active is not None, tags=tags):
+    with store_guard(tracking_uri(cfg), f"step {step}"), \
+            mlflow.start_run(experiment_id=experiment_id, run_name=step, parent_run_id=parent,
+                             nested=active is not None, tags=tags), fail_fast():
         if active is None:
             mlflow.log_params(flatten(cfg.model_dump(mode="json") if settings is None
                                       else settings))

@@ -111,3 +111,22 @@ def test_telemetry_is_off_once_kdpipe_is_imported():
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert os.environ["DVC_NO_ANALYTICS"] == "1"
     assert os.environ["HF_HUB_DISABLE_TELEMETRY"] == "1"
+
+
+def test_an_experiment_another_run_just_created_is_used_not_an_error(tmp_path):
+    """Two runs starting at once both find no experiment and both create it: the second
+    creation's RESOURCE_ALREADY_EXISTS means the experiment is there to use."""
+    import mlflow
+
+    from kdpipe import tracking
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'race.db'}")
+    try:
+        tracking._create_experiment("race", None)
+        tracking._create_experiment("race", None)  # the other run's creation
+        assert mlflow.get_experiment_by_name("race") is not None
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            tracking._create_experiment("", None)  # other errors still raise
+    finally:
+        mlflow.set_tracking_uri(before)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,15 @@ import numpy as np
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.registry.gate import ChampionComparison, Decision, decide
-from kdpipe.registry.store import CHALLENGER, CHAMPION, TAG_PREFIX, Registry, Version, open_registry
+from kdpipe.registry.store import (
+    CHALLENGER,
+    CHAMPION,
+    READY,
+    TAG_PREFIX,
+    Registry,
+    Version,
+    open_registry,
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,15 @@ def promote(cfg: Config, version: int | None = None, force: bool = False,
     ``cfg.paths.prepared``) holds the rows both models are measured on."""
     registry = open_registry(cfg)
     name = cfg.registry.model_name
+    # Read the champion, decide and move the alias under one lock: two runs promoting at
+    # once would otherwise both compare against the same (or no) champion, and the later
+    # alias write would win unchecked.
+    with registry.locked(name, waiting=lambda line: print(line, file=sys.stderr, flush=True)):
+        return _promote(cfg, registry, name, version, force, prepared_dir)
+
+
+def _promote(cfg: Config, registry: Registry, name: str, version: int | None, force: bool,
+             prepared_dir: Path | None) -> Promotion:
     aliases = registry.aliases(name)
     if version is None:
         version = aliases.get(CHALLENGER)
@@ -76,6 +94,9 @@ def promote(cfg: Config, version: int | None = None, force: bool = False,
             raise KdpipeError(f"registered model {name!r} has no {CHALLENGER!r} alias; "
                               "pass --version N (see `kdpipe models`)")
     candidate = registry.version(name, version)
+    if candidate.status != READY:
+        raise KdpipeError(f"version {version} of {name!r} is {candidate.status}, not {READY}; "
+                          "an alias may only point at a completely registered version")
     champion = aliases.get(CHAMPION)
     if champion == version:
         return Promotion(name, version, None, False, champion, champion,

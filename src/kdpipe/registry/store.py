@@ -12,7 +12,9 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,16 @@ CHALLENGER = "challenger"
 TAG_PREFIX = "kdpipe."
 # MLflow's SQL store keeps at most 5000 characters of a version description.
 DESCRIPTION_LIMIT = 5000
+# A version's identity: the same key means the same model files, data and settings, so a
+# rerun after a failure finds its version instead of registering a duplicate.
+CANDIDATE_KEY = f"{TAG_PREFIX}candidate_key"
+READY = "READY"
+# The promotion lock: a registered model of this name exists while a promotion of ``name``
+# runs. MLflow has no compare-and-set on aliases, but creating a registered model is atomic
+# on every store (a unique name), so it is the one mutex all kdpipe processes share.
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_WAIT_S = 600.0
+LOCK_STALE_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class Version:
     source: str = ""
     created_ms: int = 0
     description: str = ""
+    status: str = READY
 
     @property
     def metrics(self) -> KeyMetrics:
@@ -86,6 +99,78 @@ class Registry:
             self.client.update_model_version(name, version.version,
                                              description=_fit_description(description))
         return int(version.version)
+
+    def describe(self, name: str, version: int, tags: dict[str, str], description: str) -> None:
+        """Set ``tags`` and the description of an existing version (a rerun completing it)."""
+        self.set_tags(name, version, tags)
+        with self._errors(f"describing version {version} of {name!r}"):
+            self.client.update_model_version(name, str(version),
+                                             description=_fit_description(description))
+
+    def find(self, name: str, tag: str, value: str) -> Version | None:
+        """The newest version of ``name`` whose tag ``tag`` is ``value``, or None (also when
+        ``name`` is not registered yet)."""
+        try:
+            found = [v for v in self.versions(name) if v.tags.get(tag) == value]
+        except RegistryNotFound:
+            return None
+        return found[-1] if found else None
+
+    @contextlib.contextmanager
+    def locked(self, name: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S,
+               waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the promotion lock of ``name`` for the block: one promotion at a time, so a
+        gate always compares against the champion that is current when the alias moves.
+        Waits up to ``wait_s`` for another holder; a lock older than ``stale_s`` (its holder
+        died) is taken over. ``waiting(line)`` hears once who holds it."""
+        from mlflow.exceptions import MlflowException
+
+        lock = f"{name}{LOCK_SUFFIX}"
+        holder = f"{socket.gethostname()} pid {os.getpid()}"
+        deadline = time.monotonic() + wait_s
+        told = False
+        while True:
+            try:
+                self.client.create_registered_model(
+                    lock, description=f"kdpipe's promotion lock for {name!r}, held by {holder}; "
+                    "deleted when that promotion ends (taken over after "
+                    f"{stale_s:.0f} s if its holder died)")
+                break
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise KdpipeError(f"promotion lock {lock!r} in {redact(self.uri)}: "
+                                      f"{first_line(exc)}") from None
+            held = self._lock_age(lock)
+            if held is None:
+                continue  # released meanwhile
+            age_s, who = held
+            if age_s > stale_s:
+                with contextlib.suppress(MlflowException):
+                    self.client.delete_registered_model(lock)
+                continue
+            if time.monotonic() > deadline:
+                raise KdpipeError(f"registered model {name!r}: another promotion ({who}) has "
+                                  f"held {lock!r} for {age_s:.0f} s; retry later, or delete "
+                                  "that registered model if no promotion is running")
+            if not told and waiting is not None:
+                waiting(f"waiting for the promotion of {name!r} by {who} to end")
+                told = True
+            time.sleep(0.5)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(MlflowException):
+                self.client.delete_registered_model(lock)
+
+    def _lock_age(self, lock: str) -> tuple[float, str] | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(lock)
+        except MlflowException:
+            return None
+        who = (model.description or "").partition("held by ")[2].partition(";")[0] or "unknown"
+        return time.time() - (model.creation_timestamp or 0) / 1000, who
 
     def version(self, name: str, version: int) -> Version:
         with self._errors(f"version {version} of registered model {name!r}"):
@@ -220,7 +305,7 @@ def _version(found: Any) -> Version:
                    aliases=tuple(sorted(found.aliases or ())), tags=dict(found.tags or {}),
                    run_id=found.run_id, source=found.source or "",
                    created_ms=int(found.creation_timestamp or 0),
-                   description=found.description or "")
+                   description=found.description or "", status=str(found.status or READY))
 
 
 def _tag_value(value: Any) -> str:

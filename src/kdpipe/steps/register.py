@@ -31,6 +31,7 @@ from kdpipe.registry.card import CardFacts, model_card
 from kdpipe.registry.gate import KeyMetrics
 from kdpipe.registry.promotion import Promotion, evaluation_rows, promote
 from kdpipe.registry.store import (
+    CANDIDATE_KEY,
     CHALLENGER,
     CHAMPION,
     TAG_PREFIX,
@@ -40,6 +41,7 @@ from kdpipe.registry.store import (
 )
 from kdpipe.serving.predictor import LABELS_FILE, MODEL_FILE, RECORD_FILE, TORCH_DIR
 from kdpipe.step_result import StepResult
+from kdpipe.training.softcache import cache_key, file_tree_hash
 
 REGISTER_FILE = "register.json"
 CARD_FILE = "model_card.md"
@@ -82,11 +84,21 @@ def run(cfg: Config, candidate_dir: Path, evaluation_dir: Path, prepared_dir: Pa
     card = model_card(facts)
     registry = open_registry(cfg, create=True)
     name = cfg.registry.model_name
-    with tracking.active_or_own_run(cfg, "register") as run_id, quiet_downloads():
-        info = log_model(candidate_dir)
-        tracking.log_text(card, CARD_FILE)
     tags = {**metric_tags(metrics), **_provenance_tags(cfg, data_card, facts)}
-    version = registry.register(name, info.model_uri, tags, card)
+    tags[CANDIDATE_KEY] = candidate_key(candidate_dir, tags)
+    # A rerun after a failure (the server gone mid-registration, say) completes the version
+    # it registered then instead of adding a duplicate of the same candidate.
+    existing = registry.find(name, CANDIDATE_KEY, tags[CANDIDATE_KEY])
+    with tracking.active_or_own_run(cfg, "register") as run_id, quiet_downloads():
+        logged_uri = log_model(candidate_dir).model_uri if existing is None else existing.source
+        tracking.log_text(card, CARD_FILE)
+    if existing is None:
+        version = registry.register(name, logged_uri, tags, card)
+    else:
+        version = existing.version
+        registry.describe(name, version, tags, card)
+        notes.append(f"v{version} already held this candidate (same files, data and "
+                     "settings), so it was completed rather than registered again.")
     registry.set_alias(name, CHALLENGER, version)
     if cfg.registry.auto_promote:
         promotion = promote(cfg, version=version, prepared_dir=prepared_dir)
@@ -96,7 +108,7 @@ def run(cfg: Config, candidate_dir: Path, evaluation_dir: Path, prepared_dir: Pa
                               note=f"v{version} registered as {CHALLENGER}; "
                               "registry.auto_promote is off (promote with `kdpipe promote`)")
     record = {"format": RECORD_FORMAT, "name": name, "version": version, "run_id": run_id,
-              "model_uri": f"models:/{name}/{version}", "logged_model_uri": info.model_uri,
+              "model_uri": f"models:/{name}/{version}", "logged_model_uri": logged_uri,
               "candidate": cfg.registry.candidate, "candidate_dir": str(candidate_dir),
               "metrics": metrics.to_dict(), "metrics_source": entry_name or "measured here",
               "notes": notes, "aliases": {CHALLENGER: version,
@@ -109,9 +121,18 @@ def run(cfg: Config, candidate_dir: Path, evaluation_dir: Path, prepared_dir: Pa
                       "gate_passed": float(bool(promotion.decision
                                                 and promotion.decision.passed))}
     result_metrics.update({k: float(v) for k, v in metrics.to_dict().items() if v is not None})
-    summary = f"{name} v{version}: {promotion.summary()}"
+    again = " (already registered)" if existing is not None else ""
+    summary = f"{name} v{version}{again}: {promotion.summary()}"
     return StepResult("register", out_dir, result_metrics,
                       [out_dir / REGISTER_FILE, out_dir / CARD_FILE], summary)
+
+
+def candidate_key(candidate_dir: Path, tags: dict[str, str]) -> str:
+    """What makes two registrations the same candidate: the model's files (less the
+    reports, whose timings differ run to run), the data and the settings."""
+    files = file_tree_hash(candidate_dir, ("*",), exclude=(RECORD_FILE, "quantize.json"))
+    return cache_key({"files": files, "data_hash": tags.get(f"{TAG_PREFIX}data_hash"),
+                      "params_hash": tags.get(f"{TAG_PREFIX}params_hash")})
 
 
 def _skipped(cfg: Config, candidate_dir: Path, out_dir: Path) -> StepResult:

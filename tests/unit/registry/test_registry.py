@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -403,7 +404,7 @@ def test_a_champion_whose_files_are_gone_is_refused_then_deleted_is_replaced(env
     location = client.get_logged_model(source.removeprefix("models:/")).artifact_location
     shutil.rmtree(location.removeprefix("file://"))
 
-    second = read_record(register(cfg, root, folders["good"], 1.0, "lost-v2"))
+    second = read_record(register(cfg, root, folders["textcnn"], 1.0, "lost-v2"))
     assert not second["promoted"] and second["champion_after"] == 1
     regression = check(second, "max_regression")
     assert not regression["passed"] and "v1" in regression["message"]
@@ -412,3 +413,84 @@ def test_a_champion_whose_files_are_gone_is_refused_then_deleted_is_replaced(env
     assert "champion" not in open_registry(cfg).aliases("lost-champion")
     again = promote(cfg, version=2)
     assert again.promoted and again.champion_after == 2
+
+
+def test_the_same_candidate_registered_again_completes_its_version_instead_of_adding_one(env):
+    """A rerun after a failure registers the same files, data and settings: it finds the
+    version by its candidate key, rewrites its tags and card, and adds no duplicate."""
+    from kdpipe.registry.store import CANDIDATE_KEY, open_registry
+
+    cfg, root, folders = env
+    cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(
+        update={"model_name": "rerun"})})
+    first = read_record(register(cfg, root, folders["good"], 1.0, "rerun-1"))
+    registry = open_registry(cfg)
+    registry.set_tags("rerun", 1, {"kdpipe.accuracy": "0.5"})  # as a half-finished run left it
+    again = register(cfg, root, folders["good"], 1.0, "rerun-2")
+    second = read_record(again)
+    assert (first["version"], second["version"]) == (1, 1)
+    assert "(already registered)" in again.summary
+    assert any("already held this candidate" in n for n in second["notes"])
+    versions = registry.versions("rerun")
+    assert [v.version for v in versions] == [1]
+    assert versions[0].tags["kdpipe.accuracy"] == "1"
+    assert versions[0].tags[CANDIDATE_KEY] and "champion" in versions[0].aliases
+    other = read_record(register(cfg, root, folders["textcnn"], 1.0, "rerun-3"))
+    assert other["version"] == 2  # other files: another candidate
+
+
+def test_promotions_take_turns_under_the_registry_lock(env):
+    """One promotion at a time: a second waits while the lock is held, says for whom, and
+    goes on once it is released; a lock whose holder died is taken over; a lock held past
+    the wait is a one-line error."""
+    import threading
+
+    from kdpipe.errors import KdpipeError
+    from kdpipe.registry.store import open_registry
+
+    cfg, _, _ = env
+    registry = open_registry(cfg)
+    heard: list[str] = []
+    order: list[str] = []
+    with registry.locked("turns"):
+        def second():
+            with registry.locked("turns", waiting=heard.append):
+                order.append("second")
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and order == []  # still waiting
+        order.append("first")
+    waiter.join(timeout=30)
+    assert order == ["first", "second"]
+    assert len(heard) == 1 and "pid" in heard[0]
+    assert not registry.exists("turns.promotion-lock")  # released
+
+    registry.client.create_registered_model("stale.promotion-lock")  # a holder that died
+    time.sleep(0.05)
+    with registry.locked("stale", stale_s=0.01):
+        pass
+    registry.client.create_registered_model("held.promotion-lock",
+                                            description="lock, held by other-host pid 7; x")
+    with pytest.raises(KdpipeError, match=r"another promotion \(other-host pid 7\)"):
+        with registry.locked("held", wait_s=0.5):
+            pass
+
+
+def test_an_alias_never_points_at_a_version_still_being_registered(env, monkeypatch):
+    from dataclasses import replace
+
+    from kdpipe.errors import KdpipeError
+    from kdpipe.registry import promotion
+    from kdpipe.registry.store import Registry
+
+    cfg, root, folders = env
+    cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(
+        update={"model_name": "pending"})})
+    register(cfg, root, folders["good"], 1.0, "pending")
+    real = Registry.version
+    monkeypatch.setattr(Registry, "version", lambda self, name, version: replace(
+        real(self, name, version), status="PENDING_REGISTRATION"))
+    with pytest.raises(KdpipeError, match="PENDING_REGISTRATION, not READY"):
+        promotion.promote(cfg, version=1)
