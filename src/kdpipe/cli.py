@@ -305,25 +305,47 @@ def promote(
     force: Annotated[bool, typer.Option(
         "--force", help="Promote even if the gate refuses; the version is tagged "
         "kdpipe.forced_promotion=true with who and when.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Run the gate and show its table; move no alias, tag nothing. "
+        "Exit code as if for real.")] = False,
     params: ParamsOpt = None,
     set_: SetOpt = None,
 ) -> None:
+    from kdpipe.registry.gate import limit_text, unguarded, value_text
     from kdpipe.registry.promotion import promote as promote_version
 
     cfg = load_config(params, set_)
-    result = promote_version(cfg, version=version, force=force)
+    warning = unguarded(cfg.registry.gate)
+    if warning:
+        err.print(f"[bold yellow]{warning}[/]", highlight=False, soft_wrap=True)
+    result = promote_version(cfg, version=version, force=force, dry_run=dry_run)
     if result.decision is not None:
         table = Table(title=f"promotion gate: {result.name} v{result.version}")
-        for column in ("check", "result", "reason"):
-            table.add_column(column)
+        for column in ("check", "value", "limit", "result"):
+            table.add_column(column, overflow="fold")
         for check in result.decision.checks:
-            table.add_row(check.name, "[green]pass[/]" if check.passed else "[red]FAIL[/]",
-                          check.message)
+            table.add_row(check.name, value_text(check.name, check.value),
+                          limit_text(check.name, check.threshold),
+                          ("[green]pass[/]" if check.passed else "[red]FAIL[/]") + (
+                              f" {check.message}" if check.message and (
+                                  not check.passed or check.value is None) else ""))
         out.print(table)
     colour = "green" if result.promoted else "yellow"
     out.print(f"[{colour}]{result.summary()}[/]", highlight=False, soft_wrap=True)
-    if result.decision is not None and not result.promoted:
+    if result.decision is not None and not result.decision.promote:
         raise typer.Exit(GATE_REFUSED)
+
+
+@app.command()
+@friendly_errors
+def rollback(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """Point 'champion' back at the previous champion (recorded at each promotion), without
+    the gate; a second rollback undoes the first."""
+    from kdpipe.registry.promotion import rollback as roll_back
+
+    result = roll_back(load_config(params, set_))
+    out.print(f"[green]{result.summary()}[/] ({result.name})", highlight=False,
+              soft_wrap=True)
 
 
 @app.command()
@@ -348,8 +370,16 @@ def models(params: ParamsOpt = None, set_: SetOpt = None) -> None:
                       _number(m.macro_f1, "{:.4f}"), _share(m.retention),
                       _number(m.latency_b1_p50_ms, "{:.3g}"),
                       _number(None if m.size_bytes is None else m.size_bytes / 1e6, "{:.2f}"),
-                      v.tags.get("kdpipe.gate", "–"), created)
+                      _gate_state(v.tags), created)
     out.print(table)
+
+
+def _gate_state(tags: dict[str, str]) -> str:
+    """``passed``, or ``refused`` with the failed checks' names, from the version's tags."""
+    state = tags.get("kdpipe.gate", "–")
+    failed = tags.get("kdpipe.gate_failed", "-")
+    return f"{state}: {failed.replace(',', ', ')}" if state == "refused" and failed != "-" \
+        else state
 
 
 def _share(value: float | None) -> str:

@@ -378,9 +378,9 @@ class EvaluateConfig(Section):
 class GateConfig(Section):
     """A candidate is promoted to ``champion`` only if it passes every threshold."""
 
-    min_accuracy: float = Field(0.0, ge=0, le=1, description="On the evaluate split.")
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="On the evaluate split (0: off).")
     min_teacher_retention: float = Field(
-        0.0, ge=0, le=1.5, description="Candidate accuracy / teacher accuracy."
+        0.95, ge=0, le=1.5, description="Candidate accuracy / teacher accuracy (0: off)."
     )
     max_latency_p50_ms: float | None = Field(
         None, gt=0, description="Batch-1 p50 latency, tokenization included (null: no limit)."

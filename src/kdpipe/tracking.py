@@ -21,6 +21,10 @@ from kdpipe.errors import KdpipeError
 from kdpipe.step_result import StepResult
 
 PARENT_ENV = "KDPIPE_PARENT_RUN_ID"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
+# MLflow's UI opens an experiment of this kind on its runs and model-training views, not on
+# the GenAI overview (empty trace charts) it shows for an experiment of unknown kind.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 LogMetric = Callable[[str, float, int], None]
 
 
@@ -314,6 +318,8 @@ def configure(cfg: Config) -> str:
                 location = cfg.paths.mlflow_artifacts.resolve().as_uri()
             _create_experiment(cfg.tracking.experiment, location)
             experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment.tags.get(EXPERIMENT_KIND[0]) is None:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     check_artifacts(uri, experiment.artifact_location)
     return experiment.experiment_id
 
@@ -431,6 +437,27 @@ def active_or_own_run(cfg: Config, step: str) -> Iterator[str]:
                           tags={"kdpipe.step": step,
                                 "kdpipe.params_hash": cfg.params_hash()}) as run:
         yield run.info.run_id
+
+
+def annotate(run_id: str, name: str, note: str, metrics: dict[str, float],
+             tags: dict[str, str], artifacts: dict[str, list[Path]]) -> str:
+    """Give the run a run belongs to (its parent, else itself) the outcome: ``name``, a
+    description (MLflow's note, shown first on the run's page), headline ``metrics``,
+    ``tags`` and ``artifacts`` (folder in the run -> files). Returns the id annotated."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient()
+    target = client.get_run(run_id).data.tags.get("mlflow.parentRunId") or run_id
+    stamp = int(time.time() * 1000)
+    client.update_run(target, name=name)
+    client.log_batch(target, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, v) for k, v in {**tags, NOTE_TAG: note}.items()])
+    for folder, paths in artifacts.items():
+        for path in paths:
+            if Path(path).is_file():  # an evaluation may lack a table or plots
+                client.log_artifact(target, str(path), folder or None)
+    return target
 
 
 def log_text(text: str, name: str) -> None:

@@ -72,6 +72,27 @@ def test_pipeline_run_has_a_nested_run_per_step_with_params_and_data_card(
     distill_run = next(c for c in children if c.info.run_name == "distill")
     assert "loss/total" in distill_run.data.metrics  # per-step curves through log_metric
 
+    # The parent run shows the outcome first: name, description, headline, tags, artifacts.
+    assert parent.info.run_name == "bilstm · reviews · v1 champion"
+    note = parent.data.tags["mlflow.note.content"]
+    assert "**v1 is the champion**" in note and "| gate check |" in note
+    assert "| min_teacher_retention |" in note and "retention" in note
+    quantized = json.loads((tmp_path / "work" / "evaluation" / "metrics.json").read_text()
+                           )["models"]["quantized"]
+    assert parent.data.metrics["student_accuracy"] == pytest.approx(quantized["accuracy"])
+    assert parent.data.metrics["registered_version"] == 1
+    assert parent.data.metrics["promoted"] == 1
+    assert {"teacher_accuracy", "retention", "speedup", "size_ratio"} <= set(
+        parent.data.metrics)
+    assert parent.data.tags["kdpipe.outcome"] == "champion"
+    assert parent.data.tags["kdpipe.student"] == "bilstm"
+    assert parent.data.tags["kdpipe.registered"] == "kdpipe-student/1"
+    shown = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "metrics.json", "model_card.md", "plots"} <= shown
+    assert client.list_artifacts(parent.info.run_id, "plots")
+    experiment = client.get_experiment_by_name("t")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
     predicted = CliRunner().invoke(app, ["predict", "--model", "work/quantized",
                                          "good film", "bad"])
     assert predicted.exit_code == 0, predicted.output

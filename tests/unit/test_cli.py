@@ -52,8 +52,8 @@ def fake_registry(tmp_path, tmp_path_factory, monkeypatch):
     client.create_registered_model(REGISTERED)
     for accuracy in (0.81, 0.84):
         client.create_model_version(REGISTERED, source="file:///nowhere", tags={
-            "kdpipe.accuracy": str(accuracy), "kdpipe.teacher_accuracy": "0.9",
-            "kdpipe.retention": str(accuracy / 0.9), "kdpipe.size_bytes": "4100000",
+            "kdpipe.accuracy": str(accuracy), "kdpipe.teacher_accuracy": "0.85",
+            "kdpipe.retention": str(accuracy / 0.85), "kdpipe.size_bytes": "4100000",
             "kdpipe.latency_b1_p50_ms": "0.31"})
     client.set_registered_model_alias(REGISTERED, "challenger", "2")
     return client
@@ -73,7 +73,7 @@ def test_models_lists_versions_with_metrics_and_aliases(fake_registry, monkeypat
     v1 = next(line for line in lines if "81.00%" in line)
     v2 = next(line for line in lines if "84.00%" in line)
     assert "challenger" in v2 and "challenger" not in v1
-    assert "93.33%" in v2 and "4.10" in v2 and "0.31" in v2
+    assert "98.82%" in v2 and "4.10" in v2 and "0.31" in v2
 
 
 def test_promote_refused_by_the_gate_exits_2_and_says_why(fake_registry):
@@ -101,6 +101,40 @@ def test_promote_through_the_gate_then_forced_rollback(fake_registry):
     assert tags["kdpipe.forced_promotion"] == "true" and tags["kdpipe.gate"] == "refused"
     again = CliRunner().invoke(app, ["promote", "--version", "1"])
     assert again.exit_code == 0 and "v1 already is the champion" in again.stdout
+
+
+def test_a_dry_run_shows_the_gate_and_changes_nothing_and_rollback_returns(fake_registry):
+    dry = CliRunner().invoke(app, ["promote", "--dry-run"], env={"COLUMNS": "200"})
+    assert dry.exit_code == 0, dry.output
+    assert "dry run: v2 would be promoted; nothing was changed" in dry.stdout
+    assert "min_teacher_retention" in dry.stdout and "95.00%" in dry.stdout  # the default
+    assert champion_of(fake_registry) is None
+    assert "kdpipe.gate" not in fake_registry.get_model_version(REGISTERED, "2").tags
+    refused = CliRunner().invoke(app, ["promote", "--dry-run", "-S",
+                                       "registry.gate.min_accuracy=0.9"])
+    assert refused.exit_code == 2 and "would not be promoted" in refused.stdout
+
+    assert CliRunner().invoke(app, ["promote"]).exit_code == 0
+    none_before = CliRunner().invoke(app, ["rollback"], env={"COLUMNS": "300"})
+    assert none_before.exit_code == 1 and "has no previous champion" in none_before.stderr
+    forced = CliRunner().invoke(app, ["promote", "--version", "1", "--force"])
+    assert forced.exit_code == 0 and champion_of(fake_registry) == 1
+    back = CliRunner().invoke(app, ["rollback"], env={"COLUMNS": "200"})
+    assert back.exit_code == 0, back.output
+    assert "champion rolled back from v1 to v2" in back.stdout
+    assert champion_of(fake_registry) == 2
+    assert fake_registry.get_model_version(REGISTERED, "2").tags[
+        "kdpipe.rolled_back_from"] == "1"
+    undo = CliRunner().invoke(app, ["rollback"])
+    assert undo.exit_code == 0 and champion_of(fake_registry) == 1
+
+
+def test_a_gate_that_checks_no_quality_is_a_loud_warning(fake_registry):
+    result = CliRunner().invoke(app, ["promote", "--dry-run", "-S",
+                                      "registry.gate.min_teacher_retention=0"],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "warning: the promotion gate checks no quality" in result.stderr
 
 
 @pytest.mark.parametrize("args,message", [

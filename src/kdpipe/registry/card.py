@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdpipe.registry.gate import KeyMetrics
+from kdpipe.registry.gate import KeyMetrics, gate_table
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,21 @@ class CardFacts:
     params_hash: str
     git_commit: str | None
     notes: list[str] = field(default_factory=list)
+    gate: dict[str, Any] | None = None  # the promotion gate's decision, once it ran
 
 
 def model_card(facts: CardFacts) -> str:
-    sections = [_header(facts), _data(facts), _models(facts), _metrics(facts), _limits(facts),
-                _provenance(facts)]
+    sections = [_header(facts), _data(facts), _models(facts), _metrics(facts), _gate(facts),
+                _limits(facts), _provenance(facts)]
     return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _gate(f: CardFacts) -> str:
+    if not f.gate:
+        return ""
+    verdict = ("passed" if f.gate.get("passed") else "refused") + (
+        ", promotion forced" if f.gate.get("forced") else "")
+    return f"## Promotion gate: {verdict}\n\n{gate_table(f.gate.get('checks') or [])}"
 
 
 def _header(f: CardFacts) -> str:

@@ -117,6 +117,15 @@ class Decision:
                 "checks": [check.to_dict() for check in self.checks]}
 
 
+def unguarded(gate: GateConfig) -> str | None:
+    """A warning line when the gate checks no quality at all (both accuracy minimums off),
+    so that it would pass any model; None otherwise."""
+    if gate.min_accuracy or gate.min_teacher_retention:
+        return None
+    return ("warning: the promotion gate checks no quality (registry.gate.min_accuracy and "
+            "min_teacher_retention are 0): any model that runs passes it")
+
+
 def decide(candidate: KeyMetrics, gate: GateConfig, comparison: ChampionComparison | None,
            force: bool = False) -> Decision:
     """Run every check (see the module docstring); ``comparison`` is None when there is no
@@ -195,3 +204,38 @@ def _percent(value: float) -> str:
 
 def _bytes(value: float) -> str:
     return f"{value / 1e6:.2f} MB" if value >= 1e5 else f"{int(value):,} bytes"
+
+
+def gate_table(checks: list[dict[str, Any]]) -> str:
+    """The checks (``Decision.to_dict()["checks"]``, as register.json keeps them) as a
+    markdown table: value, limit, result."""
+    rows = ["| gate check | value | limit | result |", "| --- | ---: | ---: | --- |"]
+    for check in checks:
+        name = check.get("name", "?")
+        result = ("pass" if check.get("passed") else "**FAIL**") + (
+            f": {check.get('message')}" if check.get("message") and (
+                not check.get("passed") or check.get("value") is None) else "")
+        cells = (name, value_text(name, check.get("value")),
+                 limit_text(name, check.get("threshold")), result)
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def value_text(name: str, value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "–"
+    if name == "max_size_bytes":
+        return _bytes(value)
+    if name == "max_latency_p50_ms":
+        return f"{value:.3g} ms"
+    if name == "max_regression":
+        return f"{value * 100:+.2f} points"
+    return f"{value:.2%}"
+
+
+def limit_text(name: str, threshold: Any) -> str:
+    if threshold is None or (name.startswith("min_") and not threshold):
+        return "off"
+    if name == "max_regression":
+        return f"{threshold * 100:+.2f} points"
+    return value_text(name, threshold).replace("+", "")

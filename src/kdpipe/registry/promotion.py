@@ -33,6 +33,9 @@ from kdpipe.registry.store import (
     open_registry,
 )
 
+# A registered-model tag: the champion before the latest promotion (or rollback).
+PREVIOUS_CHAMPION = f"{TAG_PREFIX}previous_champion"
+
 
 @dataclass(frozen=True)
 class Promotion:
@@ -72,21 +75,22 @@ class Promotion:
 
 
 def promote(cfg: Config, version: int | None = None, force: bool = False,
-            prepared_dir: Path | None = None) -> Promotion:
+            prepared_dir: Path | None = None, dry_run: bool = False) -> Promotion:
     """Make ``version`` (default: the one aliased ``challenger``) of ``registry.model_name``
     the champion if the gate passes, or if ``force``. ``prepared_dir`` (default
-    ``cfg.paths.prepared``) holds the rows both models are measured on."""
+    ``cfg.paths.prepared``) holds the rows both models are measured on. ``dry_run``: decide
+    and say what would happen, moving and tagging nothing."""
     registry = open_registry(cfg)
     name = cfg.registry.model_name
     # Read the champion, decide and move the alias under one lock: two runs promoting at
     # once would otherwise both compare against the same (or no) champion, and the later
     # alias write would win unchecked.
     with registry.locked(name, waiting=lambda line: print(line, file=sys.stderr, flush=True)):
-        return _promote(cfg, registry, name, version, force, prepared_dir)
+        return _promote(cfg, registry, name, version, force, prepared_dir, dry_run)
 
 
 def _promote(cfg: Config, registry: Registry, name: str, version: int | None, force: bool,
-             prepared_dir: Path | None) -> Promotion:
+             prepared_dir: Path | None, dry_run: bool) -> Promotion:
     aliases = registry.aliases(name)
     if version is None:
         version = aliases.get(CHALLENGER)
@@ -106,9 +110,17 @@ def _promote(cfg: Config, registry: Registry, name: str, version: int | None, fo
         comparison = compare_with_champion(cfg, registry, candidate, champion,
                                            Path(prepared_dir or cfg.paths.prepared), force)
     decision = decide(candidate.metrics, cfg.registry.gate, comparison, force=force)
+    if dry_run:
+        would = "would be promoted" if decision.promote else "would not be promoted"
+        why = f": {decision.why_not()}" if decision.failures else ""
+        return Promotion(name, version, decision, False, champion, champion,
+                         note=f"dry run: v{version} {would}{why}; nothing was changed")
     stamp = {f"{TAG_PREFIX}gate": "passed" if decision.passed else "refused",
+             f"{TAG_PREFIX}gate_failed": ",".join(c.name for c in decision.failures) or "-",
              f"{TAG_PREFIX}gate_checked_at": _now()}
     if decision.promote:
+        if champion is not None:  # what `kdpipe rollback` returns to
+            registry.set_model_tag(name, PREVIOUS_CHAMPION, str(champion))
         registry.set_alias(name, CHAMPION, version)
         stamp.update({f"{TAG_PREFIX}promoted_at": stamp[f"{TAG_PREFIX}gate_checked_at"],
                       f"{TAG_PREFIX}promoted_by": _who(),
@@ -116,6 +128,33 @@ def _promote(cfg: Config, registry: Registry, name: str, version: int | None, fo
     registry.set_tags(name, version, stamp)
     after = version if decision.promote else champion
     return Promotion(name, version, decision, decision.promote, champion, after)
+
+
+def rollback(cfg: Config) -> Promotion:
+    """Point ``champion`` back at the previous champion (the registered model's
+    ``kdpipe.previous_champion`` tag, set at each promotion), without the gate: it served
+    before. The version rolled back from becomes the previous one, so a second rollback
+    undoes the first."""
+    registry = open_registry(cfg)
+    name = cfg.registry.model_name
+    with registry.locked(name, waiting=lambda line: print(line, file=sys.stderr, flush=True)):
+        current = registry.aliases(name).get(CHAMPION)
+        previous = registry.model_tags(name).get(PREVIOUS_CHAMPION)
+        if current is None or previous is None:
+            raise KdpipeError(f"registered model {name!r} has no previous champion to roll "
+                              "back to (none recorded; `kdpipe promote --version N --force` "
+                              "picks one)")
+        target = registry.version(name, int(previous))  # still there? (else one line)
+        if target.status != READY:
+            raise KdpipeError(f"version {target.version} of {name!r} is {target.status}, "
+                              f"not {READY}; not rolled back")
+        registry.set_alias(name, CHAMPION, target.version)
+        registry.set_model_tag(name, PREVIOUS_CHAMPION, str(current))
+        registry.set_tags(name, target.version, {f"{TAG_PREFIX}rolled_back_at": _now(),
+                                                 f"{TAG_PREFIX}rolled_back_by": _who(),
+                                                 f"{TAG_PREFIX}rolled_back_from": str(current)})
+    return Promotion(name, target.version, None, True, current, target.version,
+                     note=f"champion rolled back from v{current} to v{target.version}")
 
 
 def compare_with_champion(cfg: Config, registry: Registry, candidate: Version, champion: int,

@@ -213,6 +213,15 @@ class Registry:
         with self._errors(f"setting alias {alias!r} of {name!r} to version {version}"):
             self.client.set_registered_model_alias(name, alias, str(version))
 
+    def model_tags(self, name: str) -> dict[str, str]:
+        """The registered model's own tags (not a version's)."""
+        with self._errors(f"registered model {name!r}"):
+            return dict(self.client.get_registered_model(name).tags or {})
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        with self._errors(f"tagging registered model {name!r}"):
+            self.client.set_registered_model_tag(name, key, value)
+
     def set_tags(self, name: str, version: int, tags: dict[str, str]) -> None:
         with self._errors(f"tagging version {version} of {name!r}"):
             for key, value in tags.items():

@@ -19,6 +19,8 @@ gate's every check, promoted or not, champion before and after) and ``model_card
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,8 @@ from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.models import EXPORTED_KINDS
 from kdpipe.registry.card import CardFacts, model_card
-from kdpipe.registry.gate import KeyMetrics
+from kdpipe.registry.gate import KeyMetrics, unguarded
+from kdpipe.registry.outcome import outcome
 from kdpipe.registry.promotion import Promotion, evaluation_rows, promote
 from kdpipe.registry.store import (
     CANDIDATE_KEY,
@@ -47,6 +50,10 @@ REGISTER_FILE = "register.json"
 CARD_FILE = "model_card.md"
 RECORD_FORMAT = 1
 METRICS_FILE = "metrics.json"
+# The evaluate step's file names (importing that step would pull its dependencies, and
+# its DVC code deps, into this stage).
+COMPARISON_FILE = "comparison.md"
+PLOTS_DIR = "plots"
 
 
 def candidate_folder(cfg: Config, exported_dir: Path, quantized_dir: Path) -> Path:
@@ -91,22 +98,29 @@ def run(cfg: Config, candidate_dir: Path, evaluation_dir: Path, prepared_dir: Pa
     existing = registry.find(name, CANDIDATE_KEY, tags[CANDIDATE_KEY])
     with tracking.active_or_own_run(cfg, "register") as run_id, quiet_downloads():
         logged_uri = log_model(candidate_dir).model_uri if existing is None else existing.source
+        if existing is None:
+            version = registry.register(name, logged_uri, tags, card)
+        else:
+            version = existing.version
+            registry.describe(name, version, tags, card)
+            notes.append(f"v{version} already held this candidate (same files, data and "
+                         "settings), so it was completed rather than registered again.")
+        registry.set_alias(name, CHALLENGER, version)
+        if cfg.registry.auto_promote:
+            warning = unguarded(cfg.registry.gate)
+            if warning:  # loud: a gate that passes anything is rarely what a user meant
+                print(warning, file=sys.stderr, flush=True)
+                notes.append(warning)
+            promotion = promote(cfg, version=version, prepared_dir=prepared_dir)
+        else:
+            champion = registry.alias(name, CHAMPION)
+            promotion = Promotion(name, version, None, False, champion, champion,
+                                  note=f"v{version} registered as {CHALLENGER}; registry."
+                                  "auto_promote is off (promote with `kdpipe promote`)")
+        if promotion.decision is not None:  # the card gets the gate's every check
+            card = model_card(replace(facts, gate=promotion.decision.to_dict()))
+            registry.describe(name, version, {}, card)
         tracking.log_text(card, CARD_FILE)
-    if existing is None:
-        version = registry.register(name, logged_uri, tags, card)
-    else:
-        version = existing.version
-        registry.describe(name, version, tags, card)
-        notes.append(f"v{version} already held this candidate (same files, data and "
-                     "settings), so it was completed rather than registered again.")
-    registry.set_alias(name, CHALLENGER, version)
-    if cfg.registry.auto_promote:
-        promotion = promote(cfg, version=version, prepared_dir=prepared_dir)
-    else:
-        champion = registry.alias(name, CHAMPION)
-        promotion = Promotion(name, version, None, False, champion, champion,
-                              note=f"v{version} registered as {CHALLENGER}; "
-                              "registry.auto_promote is off (promote with `kdpipe promote`)")
     record = {"format": RECORD_FORMAT, "name": name, "version": version, "run_id": run_id,
               "model_uri": f"models:/{name}/{version}", "logged_model_uri": logged_uri,
               "candidate": cfg.registry.candidate, "candidate_dir": str(candidate_dir),
@@ -117,6 +131,13 @@ def run(cfg: Config, candidate_dir: Path, evaluation_dir: Path, prepared_dir: Pa
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / REGISTER_FILE, record)
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+    # The parent run (the whole pipeline's) shows the outcome first; every runner's pipeline
+    # ends here, so this is the one place that knows it.
+    shown = outcome(evaluation, record, data_card, facts.student_arch)
+    tracking.annotate(run_id, shown.run_name, shown.note, shown.metrics, shown.tags,
+                      {"": [evaluation_dir / METRICS_FILE, evaluation_dir / COMPARISON_FILE,
+                            out_dir / CARD_FILE],
+                       "plots": sorted((evaluation_dir / PLOTS_DIR).glob("*.png"))})
     result_metrics = {"version": float(version), "promoted": float(promotion.promoted),
                       "gate_passed": float(bool(promotion.decision
                                                 and promotion.decision.passed))}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kdpipe.config import GateConfig
-from kdpipe.registry.gate import ChampionComparison, KeyMetrics, decide
+from kdpipe.registry.gate import ChampionComparison, KeyMetrics, decide, unguarded
 
 CANDIDATE = KeyMetrics(accuracy=0.86, macro_f1=0.85, teacher_accuracy=0.90,
                        latency_b1_p50_ms=0.5, size_bytes=4_000_000)
@@ -78,7 +78,10 @@ def test_champion_that_could_not_be_measured_refuses():
 
 def test_unmeasured_values_fail_thresholds_that_are_set_and_pass_unset_ones():
     bare = KeyMetrics(accuracy=0.9)  # no teacher, latency or size known
-    assert decide(bare, GateConfig(), None).passed  # defaults set no limits
+    assert decide(bare, GateConfig(min_teacher_retention=0), None).passed  # no limits set
+    # The defaults want 95% of the teacher: an unknown retention cannot show it.
+    assert [c.name for c in decide(bare, GateConfig(), None).failures] == [
+        "min_teacher_retention"]
     decision = decide(bare, STRICT, None)
     assert [c.name for c in decision.failures] == [
         "min_teacher_retention", "max_latency_p50_ms", "max_size_bytes"]
@@ -102,3 +105,13 @@ def test_key_metrics_round_trip_through_string_tags():
     assert KeyMetrics.from_dict(tags) == CANDIDATE
     assert KeyMetrics.from_dict({"accuracy": "nan", "size_bytes": "junk"}) == KeyMetrics()
     assert KeyMetrics(accuracy=0.5, teacher_accuracy=0.0).retention is None
+
+
+def test_the_default_gate_refuses_a_student_under_95_percent_of_its_teacher():
+    keeps = KeyMetrics(accuracy=0.86, teacher_accuracy=0.90)  # 95.6%
+    loses = KeyMetrics(accuracy=0.85, teacher_accuracy=0.90)  # 94.4%
+    assert decide(keeps, GateConfig(), None).passed
+    refused = decide(loses, GateConfig(), None)
+    assert [c.name for c in refused.failures] == ["min_teacher_retention"]
+    assert unguarded(GateConfig()) is None
+    assert "checks no quality" in unguarded(GateConfig(min_teacher_retention=0))

@@ -133,7 +133,10 @@ def env(tmp_path_factory, tiny_bert):
     uri = sqlite_store(root / "mlflow.db", tmp_path_factory.getbasetemp())
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        cfg = registry_config(root, tiny_bert, uri, registry={"model_name": NAME})
+        # The story is about the champion comparison (a 50% student registers first); the
+        # retention minimum is test_gate's.
+        cfg = registry_config(root, tiny_bert, uri, registry={
+            "model_name": NAME, "gate": {"min_teacher_retention": 0.0}})
         labels = prepared_labels(cfg)
         torch.set_num_threads(1)
         save_fresh_student(root / "student", cfg.student, tiny_bert,
