@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -338,6 +339,45 @@ def promote(
 
 @app.command()
 @friendly_errors
+def serve(
+    model: Annotated[str | None, typer.Option(
+        help="MLflow model URI (default: models:/<registry.model_name>@champion).",
+        show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5001,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve a registered model over HTTP (MLflow's scoring server: POST /invocations with
+    {"inputs": {"text": [...]}}), from any shell: no activated environment needed."""
+    import os
+    import sys
+
+    from kdpipe.registry.store import open_registry
+    from kdpipe.tracking import redact, tracking_uri
+
+    cfg = load_config(params, set_)
+    uri = model or f"models:/{cfg.registry.model_name}@champion"
+    store = tracking_uri(cfg)
+    if model is None and open_registry(cfg).alias(cfg.registry.model_name, "champion") is None:
+        raise KdpipeError(f"registered model {cfg.registry.model_name!r} has no champion in "
+                          f"{redact(store)}; run `kdpipe run` or `kdpipe promote` first")
+    # `mlflow models serve` starts `uvicorn` from PATH: outside an activated environment
+    # it is not found, so this environment's bin folder goes first.
+    bin_dir = Path(sys.executable).parent
+    mlflow_cli = bin_dir / "mlflow"
+    if not mlflow_cli.is_file():
+        raise KdpipeError(f"{mlflow_cli}: not found; is MLflow installed in this environment?")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    err.print(f"serving {uri} from {redact(store)} at http://{host}:{port}/invocations "
+              "(Ctrl-C stops)", highlight=False, soft_wrap=True)
+    os.execve(mlflow_cli, [str(mlflow_cli), "models", "serve", "-m", uri, "--env-manager",
+                           "local", "-h", host, "-p", str(port)], env)
+
+
+@app.command()
+@friendly_errors
 def rollback(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Point 'champion' back at the previous champion (recorded at each promotion), without
     the gate; a second rollback undoes the first."""
@@ -359,16 +399,20 @@ def models(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
     cfg = load_config(params, set_)
     versions = list_models(cfg)
-    table = Table(title=f"{cfg.registry.model_name} in {redact(tracking_uri(cfg))}")
-    for column in ("version", "aliases", "accuracy", "macro F1", "retention",
-                   "p50 b1 ms", "size MB", "gate", "created"):
-        table.add_column(column, overflow="fold")
+    # Fits 80 columns: one space between columns, no side borders, headers that never wrap
+    # (macro F1 and the gate's every check are in each version's model card).
+    table = Table(title=f"{cfg.registry.model_name} in {redact(tracking_uri(cfg))}",
+                  box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False, title_justify="left")
+    for column in ("version", "aliases", "accuracy", "retention", "p50 ms", "MB"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "aliases"
+                         else "right")
+    table.add_column("gate", overflow="fold", min_width=6)
+    table.add_column("created", no_wrap=True)
     for v in versions:
         m = v.metrics
-        created = dt.datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M")
-        table.add_row(str(v.version), ", ".join(v.aliases) or "–", _share(m.accuracy),
-                      _number(m.macro_f1, "{:.4f}"), _share(m.retention),
-                      _number(m.latency_b1_p50_ms, "{:.3g}"),
+        created = dt.datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d")
+        table.add_row(str(v.version), ",".join(v.aliases) or "–", _share(m.accuracy),
+                      _share(m.retention), _number(m.latency_b1_p50_ms, "{:.3g}"),
                       _number(None if m.size_bytes is None else m.size_bytes / 1e6, "{:.2f}"),
                       _gate_state(v.tags), created)
     out.print(table)

@@ -318,10 +318,29 @@ def configure(cfg: Config) -> str:
                 location = cfg.paths.mlflow_artifacts.resolve().as_uri()
             _create_experiment(cfg.tracking.experiment, location)
             experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        check_not_moved(cfg, uri, experiment.artifact_location)
         if experiment.tags.get(EXPERIMENT_KIND[0]) is None:
             mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     check_artifacts(uri, experiment.artifact_location)
     return experiment.experiment_id
+
+
+def check_not_moved(cfg: Config, uri: str, location: str | None) -> None:
+    """MLflow records artifact locations as absolute paths: a SQLite store whose work_dir
+    was moved (or copied) still points at the old folder, and would write there. Refuse
+    with one line rather than scatter artifacts or fail a download later."""
+    if not uri.startswith("sqlite:///") or not location or not location.startswith("file:"):
+        return
+    from urllib.parse import unquote, urlparse
+
+    recorded = Path(unquote(urlparse(location).path))
+    expected = cfg.paths.mlflow_artifacts.resolve()
+    if recorded == expected or recorded.exists():
+        return
+    raise KdpipeError(
+        f"MLflow store {uri} keeps experiment {cfg.tracking.experiment!r}'s artifacts in "
+        f"{recorded}, which does not exist (was work_dir moved from there?); move it back, "
+        "or start a new store: a new -S tracking.experiment=NAME, or a new work_dir")
 
 
 def _create_experiment(name: str, location: str | None) -> None:

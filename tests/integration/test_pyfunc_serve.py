@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -179,6 +180,43 @@ def test_mlflow_models_serve_answers_raw_text(champion_store, tmp_path):
                                    json.dumps({"dataframe_records": [{"text": None}]}).encode())
         assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
         assert "text 0 is missing (null)" in answer["message"]
+
+
+@pytest.mark.slow
+def test_kdpipe_serve_works_from_a_plain_shell(champion_store, tmp_path):
+    """`kdpipe serve` run by its full path with no environment activated (PATH without
+    the venv, where plain `mlflow models serve` fails: uvicorn not found) answers raw text;
+    with no champion it is one line."""
+    import signal
+
+    from server_stack import _answers, free_port
+
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_TRACKING_URI": champion_store}
+    kdpipe = [sys.executable, "-m", "kdpipe", "serve", "--port", str(port),
+              "-S", f"registry.model_name={NAME}"]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(kdpipe, env=env, cwd=tmp_path, stdout=handle,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not _answers(f"http://127.0.0.1:{port}/ping"):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        status, answer = post_json(f"http://127.0.0.1:{port}/invocations",
+                                   json.dumps({"inputs": {"text": TEXTS}}).encode())
+        assert status == 200 and [r["label"] for r in answer["predictions"]] == EXPECTED
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    assert f"serving models:/{NAME}@champion" in log.read_text()
+    none = subprocess.run([*kdpipe[:-1], "registry.model_name=nobody"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert none.returncode == 1 and "Traceback" not in none.stderr
+    assert none.stderr.strip().startswith("error: registered model 'nobody'")
 
 
 TORCH_NAME = "served-int8-torch"

@@ -151,3 +151,27 @@ def test_an_experiment_another_run_just_created_is_used_not_an_error(tmp_path):
             tracking._create_experiment("", None)  # other errors still raise
     finally:
         mlflow.set_tracking_uri(before)
+
+
+def test_a_moved_work_dir_is_one_line_not_artifacts_written_to_the_old_place(
+        tmp_path, monkeypatch, tiny_bert, separable_csv):
+    """MLflow keeps absolute artifact paths: after moving work_dir, the store still points
+    at the old folder. kdpipe says so (run, a step, models) instead of writing there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def invoke(*args, work):
+        return CliRunner().invoke(app, [*args, "-S", f"work_dir={work}", "-S",
+                                        f"data.source={separable_csv}", "-S",
+                                        f"teacher.checkpoint={tiny_bert}"],
+                                  env={"COLUMNS": "300"})
+
+    first = invoke("ingest", work=tmp_path / "a" / "work")
+    assert first.exit_code == 0, first.output
+    (tmp_path / "a" / "work").rename(tmp_path / "b")
+    for command in ("ingest", "models"):
+        moved = invoke(command, work=tmp_path / "b")
+        assert moved.exit_code == 1, moved.output
+        assert "(was work_dir moved from there?)" in moved.stderr
+        assert moved.stderr.count("error:") == 1 and "Traceback" not in moved.output
+    assert not (tmp_path / "a" / "work").exists()  # nothing recreated at the old place

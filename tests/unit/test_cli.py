@@ -76,6 +76,28 @@ def test_models_lists_versions_with_metrics_and_aliases(fake_registry, monkeypat
     assert "98.82%" in v2 and "4.10" in v2 and "0.31" in v2
 
 
+def test_models_fits_80_columns_with_whole_headers(fake_registry, monkeypatch):
+    fake_registry.set_registered_model_alias(REGISTERED, "champion", "2")
+    fake_registry.set_model_version_tag(REGISTERED, "1", "kdpipe.gate", "refused")
+    fake_registry.set_model_version_tag(REGISTERED, "1", "kdpipe.gate_failed",
+                                        "min_teacher_retention,max_regression")
+    monkeypatch.setattr(cli, "out", Console(width=80))
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.stdout
+    header = next(line for line in lines if "version" in line)
+    for name in ("version", "aliases", "accuracy", "retention", "p50 ms", "MB", "gate",
+                 "created"):
+        assert name in header, header
+    v2 = next(line for line in lines if line.lstrip().startswith("2 "))
+    assert "challenger,champion" in v2 and "passed" not in v2  # v2's gate never ran
+    v1 = lines.index(next(line for line in lines if line.lstrip().startswith("1 ")))
+    gate_column = "".join(line[header.index("gate"):header.index("created")].strip()
+                          for line in lines[v1:v1 + 6])
+    assert gate_column.startswith("refused:min_teacher_retention,max_regression")
+
+
 def test_promote_refused_by_the_gate_exits_2_and_says_why(fake_registry):
     result = CliRunner().invoke(app, ["promote", "-S", "registry.gate.min_accuracy=0.9"],
                                 env={"COLUMNS": "200"})

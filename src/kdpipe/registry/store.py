@@ -281,12 +281,24 @@ def open_registry(cfg: Config, create: bool = False) -> Registry:
             if local is not None and not Path(local).is_file():
                 raise KdpipeError(f"MLflow store {redact(uri)}: {local} does not exist; "
                                   "nothing is registered there (`kdpipe register` creates it)")
+            if local is not None:
+                _check_not_moved(cfg, uri)
         return Registry(uri)
     except KdpipeError:
         raise
     except Exception as exc:  # MLflow, SQLAlchemy or requests, depending on the store
         raise KdpipeError(f"MLflow store {redact(uri)} cannot be opened: "
                           f"{first_line(exc)}") from None
+
+
+def _check_not_moved(cfg: Config, uri: str) -> None:
+    from mlflow import MlflowClient
+
+    from kdpipe import tracking
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        tracking.check_not_moved(cfg, uri, experiment.artifact_location)
 
 
 @contextlib.contextmanager
