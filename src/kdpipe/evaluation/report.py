@@ -167,22 +167,39 @@ def _reliability_chart(reliability: dict[str, list[dict[str, Any]]], path: Path)
 
 
 def _accuracy_latency_chart(doc: dict[str, Any], path: Path) -> None:
+    accuracy_latency_figure(doc).savefig(path, dpi=110)
+
+
+def accuracy_latency_figure(doc: dict[str, Any]) -> Any:
+    """Each model's accuracy against its latency (log scale). Ticks at 1, 2 and 5 per decade
+    (1 only past four decades) so their labels never crowd, labelled plainly (0.5, not
+    5 x 10^-1); each point's name kept inside the figure."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     head = headline_batch(doc)
-    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.subplots()
-    for model, m in doc["models"].items():
-        x, y = m["latency_ms"][head]["p50"], m["accuracy"]
+    points = [(model, m["latency_ms"][head]["p50"], m["accuracy"])
+              for model, m in doc["models"].items()]
+    for _, x, y in points:
         ax.scatter([x], [y], s=40)
-        ax.annotate(model, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 0.4, not 4 x 10^-1
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    xs = [x for _, x, _ in points if x and x > 0]
+    decades = np.log10(max(xs) / min(xs)) if xs else 0
+    subs = (1.0,) if decades > 4 else (1.0, 2.0, 5.0)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    # Room at the right and top for the names, which are placed on the side with space.
+    ax.margins(x=0.12, y=0.12)
+    middle = np.sqrt(min(xs) * max(xs)) if xs else 1.0
+    for model, x, y in points:
+        right = x <= middle
+        ax.annotate(model, (x, y), textcoords="offset points", xytext=(6 if right else -6, 5),
+                    ha="left" if right else "right", fontsize=8)
     ax.set_xlabel(f"latency {head} p50, ms (tokenization included; log scale)")
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy against latency")
     ax.grid(True, which="both", alpha=0.3)
-    fig.savefig(path, dpi=110)
+    return fig
