@@ -378,6 +378,40 @@ def serve(
 
 @app.command()
 @friendly_errors
+def compare(
+    refs: Annotated[list[str], typer.Argument(
+        help="Two or more registered versions: a number (3 or v3), an alias (champion, "
+        "challenger) or the id of the MLflow run that registered it.",
+        show_default=False)],
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Registered versions of registry.model_name side by side: key metrics, the gate's
+    verdict, student, data and settings."""
+    from kdpipe.registry.compare import resolve, rows
+    from kdpipe.registry.store import open_registry
+
+    cfg = load_config(params, set_)
+    if len(refs) < 2:
+        raise KdpipeError("compare needs two or more versions (e.g. `kdpipe compare champion "
+                          "challenger`; `kdpipe models` lists them)")
+    registry = open_registry(cfg)
+    name = cfg.registry.model_name
+    versions = [resolve(registry, name, ref) for ref in refs]
+    table = Table(title=name, box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False,
+                  title_justify="left")
+    table.add_column("", no_wrap=True)
+    for version in versions:
+        table.add_column(f" v{version.version}", justify="right", no_wrap=True)
+    for label, values in rows(versions):
+        table.add_row(label, *(f" {value}" for value in values))
+    out.print(table)
+    out.print("* the most accurate. In MLflow, the pipeline runs carry the same numbers: "
+              "select them, then Compare.", highlight=False)
+
+
+@app.command()
+@friendly_errors
 def rollback(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Point 'champion' back at the previous champion (recorded at each promotion), without
     the gate; a second rollback undoes the first."""

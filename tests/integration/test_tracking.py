@@ -92,6 +92,12 @@ def test_pipeline_run_has_a_nested_run_per_step_with_params_and_data_card(
     assert client.list_artifacts(parent.info.run_id, "plots")
     experiment = client.get_experiment_by_name("t")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The pipeline run names its version for `kdpipe compare`; a step run registered none.
+    compared = invoke("compare", parent.info.run_id, "champion")
+    assert compared.stdout.count("v1") >= 2
+    other = CliRunner().invoke(app, ["compare", ingest_run.info.run_id, "1", "-S",
+                                     f"tracking.uri={uri}", "-S", "tracking.experiment=t"])
+    assert other.exit_code == 1 and "registered no version" in other.output
 
     predicted = CliRunner().invoke(app, ["predict", "--model", "work/quantized",
                                          "good film", "bad"])

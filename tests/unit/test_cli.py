@@ -159,6 +159,27 @@ def test_a_gate_that_checks_no_quality_is_a_loud_warning(fake_registry):
     assert "warning: the promotion gate checks no quality" in result.stderr
 
 
+def test_compare_puts_versions_side_by_side_by_number_alias_or_run(fake_registry,
+                                                                   monkeypatch):
+    monkeypatch.setattr(cli, "out", Console(width=80))
+    run_id = fake_registry.get_model_version(REGISTERED, "1").run_id
+    refs = ["v1", "challenger"] if run_id is None else [run_id, "challenger"]
+    result = CliRunner().invoke(app, ["compare", *refs])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    header = next(line for line in lines if "v1" in line and "v2" in line)
+    assert header.index("v1") < header.index("v2")
+    accuracy = next(line for line in lines if line.startswith("accuracy"))
+    assert "81.00%" in accuracy and "84.00% *" in accuracy
+    assert "challenger" in next(line for line in lines if line.startswith("aliases"))
+    for bad, message in ((["compare", "v1"], "needs two or more"),
+                         (["compare", "v1", "v9"], "version 9"),
+                         (["compare", "v1", "latest"], "not a version number, alias")):
+        refused = CliRunner().invoke(app, bad, env={"COLUMNS": "300"})
+        assert refused.exit_code == 1 and message in refused.stderr, refused.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["promote", "--version", "7"], "error: version 7 of registered model 'kdpipe-student': "
                                     "not found in sqlite:///"),

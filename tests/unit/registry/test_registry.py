@@ -497,3 +497,18 @@ def test_an_alias_never_points_at_a_version_still_being_registered(env, monkeypa
         real(self, name, version), status="PENDING_REGISTRATION"))
     with pytest.raises(KdpipeError, match="PENDING_REGISTRATION, not READY"):
         promotion.promote(cfg, version=1)
+
+
+def test_compare_finds_a_version_by_the_run_that_registered_it(story, env):
+    from kdpipe.registry.compare import resolve, rows
+    from kdpipe.registry.store import open_registry
+
+    registry = open_registry(env[0])
+    record = read_record(story[1])
+    assert resolve(registry, NAME, record["run_id"]).version == 2
+    assert resolve(registry, NAME, "v3").version == 3
+    table = dict(rows([resolve(registry, NAME, "1"), resolve(registry, NAME, "2")]))
+    assert table["accuracy"] == ["50.00%", "100.00% *"]
+    assert table["student"][0] == "textcnn"
+    with pytest.raises(KdpipeError, match="not found in sqlite"):
+        resolve(registry, NAME, "ab" * 16)
