@@ -135,6 +135,11 @@ def _wait(check, what: str, log: Path, process: subprocess.Popen | None = None) 
     raise RuntimeError(f"{what} did not start within {START_TIMEOUT_S} s:\n{tail}")
 
 
+def answers_health(base: str) -> bool:
+    """Whether an MLflow server at ``base`` answers ``/health``."""
+    return _answers(f"{base}/health")
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:

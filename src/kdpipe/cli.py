@@ -182,11 +182,16 @@ def _print_comparison(cfg: Config) -> None:
 
 
 def _print_mlflow_run(cfg: Config, run_id: str) -> None:
-    from kdpipe.tracking import redact, tracking_uri
+    from kdpipe.tracking import redact, run_page, tracking_uri
 
-    uri = redact(tracking_uri(cfg))
-    out.print(f"MLflow run {run_id} in {uri} (browse: mlflow ui --backend-store-uri {uri})",
-              highlight=False, soft_wrap=True)
+    uri = tracking_uri(cfg)
+    shown = redact(uri)
+    if uri.startswith(("http://", "https://")):
+        out.print(f"MLflow run: {run_page(uri, run_id)}", highlight=False, soft_wrap=True)
+        return
+    out.print(f"MLflow run {run_id} in {shown}: `mlflow ui --backend-store-uri {shown}`, then "
+              f"open {run_page('http://127.0.0.1:5000', run_id, uri)}", highlight=False,
+              soft_wrap=True)
 
 
 def _run_kfp(cfg: Config, runner: Runner) -> None:

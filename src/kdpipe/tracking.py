@@ -479,6 +479,18 @@ def annotate(run_id: str, name: str, note: str, metrics: dict[str, float],
     return target
 
 
+def run_page(ui: str, run_id: str, store: str | None = None) -> str:
+    """The run's page in the MLflow UI at ``ui`` (``store``: where to read the run, default
+    ``ui`` itself). ``workflowType=machine_learning`` opens the UI's model-training view:
+    MLflow 3.17 takes that view from the URL or the browser's last choice, and reads the
+    experiment's ``mlflow.experimentKind`` tag only when its view selector is off."""
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient(tracking_uri=store or ui).get_run(run_id).info.experiment_id
+    return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+            "?workflowType=machine_learning")
+
+
 def log_text(text: str, name: str) -> None:
     """``text`` as the artifact ``name`` of the active run."""
     import mlflow

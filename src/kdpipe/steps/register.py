@@ -29,6 +29,7 @@ from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.models import EXPORTED_KINDS
+from kdpipe.models.teacher import checkpoint_name
 from kdpipe.registry.card import CardFacts, model_card
 from kdpipe.registry.gate import KeyMetrics, unguarded
 from kdpipe.registry.outcome import outcome
@@ -240,7 +241,7 @@ def _card_facts(cfg: Config, candidate_dir: Path, evaluation: dict[str, Any],
     labels = _read_json(candidate_dir / LABELS_FILE).get("names") or []
     return CardFacts(
         name=cfg.registry.model_name, candidate=cfg.registry.candidate, labels=labels,
-        data_card=data_card, teacher_checkpoint=cfg.teacher.checkpoint,
+        data_card=data_card, teacher_checkpoint=checkpoint_name(cfg.teacher.checkpoint),
         student_arch=str(record.get("arch") or cfg.student.arch),
         quantization=_quantization(candidate_dir), max_length=record.get("max_length"),
         metrics=metrics, evaluation=evaluation, candidate_entry=entry_name,
@@ -259,7 +260,7 @@ def _quantization(folder: Path) -> str | None:
 def _provenance_tags(cfg: Config, data_card: dict[str, Any], facts: CardFacts
                      ) -> dict[str, str]:
     tags = {"data_hash": str(data_card.get("content_hash", "unknown")),
-            "teacher_checkpoint": cfg.teacher.checkpoint, "params_hash": facts.params_hash,
+            "teacher_checkpoint": facts.teacher_checkpoint, "params_hash": facts.params_hash,
             "candidate": cfg.registry.candidate, "student_arch": facts.student_arch,
             "eval_split": str(facts.evaluation.get("split", cfg.evaluate.split)),
             "eval_rows": str(facts.evaluation.get("rows", "unknown"))}
