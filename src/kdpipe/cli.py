@@ -429,8 +429,15 @@ def rollback(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 @friendly_errors
-def models(params: ParamsOpt = None, set_: SetOpt = None) -> None:
-    """List the registered versions of registry.model_name: aliases and key metrics."""
+def models(
+    version: Annotated[int | None, typer.Option(
+        "--version", min=1, show_default=False,
+        help="Show this version's gate checks (value, limit, result) too.")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """List the registered versions of registry.model_name: aliases, key metrics and the
+    gate's verdict."""
     import datetime as dt
 
     from kdpipe.registry.promotion import list_models
@@ -438,6 +445,10 @@ def models(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
     cfg = load_config(params, set_)
     versions = list_models(cfg)
+    if version is not None:
+        _print_gate_checks(cfg, next((v for v in versions if v.version == version), None),
+                           version)
+        return
     # Fits 80 columns: one space between columns, no side borders, headers that never wrap
     # (macro F1 and the gate's every check are in each version's model card).
     table = Table(title=f"{cfg.registry.model_name} in {redact(tracking_uri(cfg))}",
@@ -454,6 +465,37 @@ def models(params: ParamsOpt = None, set_: SetOpt = None) -> None:
                       _share(m.retention), _number(m.latency_b1_p50_ms, "{:.3g}"),
                       _number(None if m.size_bytes is None else m.size_bytes / 1e6, "{:.2f}"),
                       _gate_state(v.tags), created)
+    out.print(table)
+
+
+def _print_gate_checks(cfg: Config, found: Any, number: int) -> None:
+    """One version's gate checks, as the last promotion attempt recorded them."""
+    import json
+
+    from kdpipe.registry.gate import limit_text, value_text
+    from kdpipe.registry.promotion import GATE_CHECKS
+
+    name = cfg.registry.model_name
+    if found is None:
+        raise KdpipeError(f"registered model {name!r} has no version {number} "
+                          "(`kdpipe models` lists them)")
+    recorded = found.tags.get(GATE_CHECKS)
+    if not recorded:
+        out.print(f"{name} v{number}: the gate has not run on it (`kdpipe promote --version "
+                  f"{number} --dry-run` runs it)", highlight=False)
+        return
+    table = Table(title=f"{name} v{number}: gate {found.tags.get('kdpipe.gate', '?')} "
+                  f"({found.tags.get('kdpipe.gate_checked_at', 'unknown time')})",
+                  box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False, title_justify="left")
+    for column in ("check", " value", " limit", " result"):
+        table.add_column(column, overflow="fold", no_wrap=column != " result")
+    for check in json.loads(recorded):
+        passed = check.get("passed")
+        result = "pass" if passed else "FAIL"
+        if check.get("message") and (not passed or check.get("value") is None):
+            result += f": {check['message']}"
+        table.add_row(check.get("name", "?"), f" {value_text(check['name'], check.get('value'))}",
+                      f" {limit_text(check['name'], check.get('threshold'))}", f" {result}")
     out.print(table)
 
 

@@ -151,6 +151,26 @@ def test_a_dry_run_shows_the_gate_and_changes_nothing_and_rollback_returns(fake_
     assert undo.exit_code == 0 and champion_of(fake_registry) == 1
 
 
+def test_models_shows_a_versions_gate_checks(fake_registry, monkeypatch):
+    monkeypatch.setattr(cli, "out", Console(width=80))
+    never = CliRunner().invoke(app, ["models", "--version", "1"])
+    assert never.exit_code == 0 and "the gate has not run on it" in never.stdout
+    refused = CliRunner().invoke(app, ["promote", "--version", "1", "-S",
+                                       "registry.gate.min_accuracy=0.82"])
+    assert refused.exit_code == 2, refused.output
+    shown = CliRunner().invoke(app, ["models", "--version", "1", "-S",
+                                     "registry.gate.min_accuracy=0.82"])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert "v1: gate refused" in lines[0]
+    row = next(line for line in lines if line.startswith("min_accuracy"))
+    assert "81.00%" in row and "82.00%" in row and "FAIL" in row
+    assert any(line.startswith("min_teacher_retention") and "95.00%" in line
+               and "pass" in line for line in lines)
+    missing = CliRunner().invoke(app, ["models", "--version", "9"], env={"COLUMNS": "300"})
+    assert missing.exit_code == 1 and "has no version 9" in missing.stderr
+
+
 def test_a_gate_that_checks_no_quality_is_a_loud_warning(fake_registry):
     result = CliRunner().invoke(app, ["promote", "--dry-run", "-S",
                                       "registry.gate.min_teacher_retention=0"],

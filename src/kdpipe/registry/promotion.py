@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from kdpipe.registry.store import (
 
 # A registered-model tag: the champion before the latest promotion (or rollback).
 PREVIOUS_CHAMPION = f"{TAG_PREFIX}previous_champion"
+# A version tag: the gate's checks as JSON, the last time it ran on that version.
+GATE_CHECKS = f"{TAG_PREFIX}gate_checks"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ def _promote(cfg: Config, registry: Registry, name: str, version: int | None, fo
                          note=f"dry run: v{version} {would}{why}; nothing was changed")
     stamp = {f"{TAG_PREFIX}gate": "passed" if decision.passed else "refused",
              f"{TAG_PREFIX}gate_failed": ",".join(c.name for c in decision.failures) or "-",
+             # Every check, for `kdpipe models --version N` (registry tags hold 100k chars).
+             GATE_CHECKS: json.dumps(decision.to_dict()["checks"]),
              f"{TAG_PREFIX}gate_checked_at": _now()}
     if decision.promote:
         if champion is not None:  # what `kdpipe rollback` returns to
