@@ -87,6 +87,21 @@ def _no_inherited_tracking_uri():
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A library that logs through the root logger's functions (logging.info) installs a
+    handler on the stream of that moment, CliRunner's captured one included; kept, it
+    writes to a closed stream in a later test ("--- Logging error ---" and a traceback in
+    that test's output). Each test gets the root logger back as it found it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a tiny BERT checkpoint folder (do not modify; copy it first)."""

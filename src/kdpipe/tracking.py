@@ -335,7 +335,10 @@ def check_not_moved(cfg: Config, uri: str, location: str | None) -> None:
 
     recorded = Path(unquote(urlparse(location).path))
     expected = cfg.paths.mlflow_artifacts.resolve()
-    if recorded == expected or recorded.exists():
+    # The folder itself appears with the first artifact, and a task of the Kubeflow DAG
+    # writes into the run's store from a work_dir of its own: only a recorded work_dir that
+    # is gone means it was moved.
+    if recorded == expected or recorded.exists() or recorded.parent.exists():
         return
     raise KdpipeError(
         f"MLflow store {uri} keeps experiment {cfg.tracking.experiment!r}'s artifacts in "

@@ -130,7 +130,10 @@ def test_the_dag_in_containers_makes_what_kdpipe_run_makes_and_registers(
     # tasks wrote them there (mounted), not into their containers.
     assert experiment.artifact_location == (work / "mlartifacts").resolve().as_uri()
     runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if r.info.run_name == "kfp-docker")
+    # The DAG's parent run, named by the register task for the outcome.
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.run_name.endswith(" · v1 champion"), parent.info.run_name
+    assert parent.data.tags["kdpipe.outcome"] == "champion"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert {r.info.run_name for r in children} == set(STEP_COMPONENTS)
     ingest = next(r for r in children if r.info.run_name == "ingest")

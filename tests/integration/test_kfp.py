@@ -453,7 +453,10 @@ def test_the_local_dag_makes_what_kdpipe_run_makes_and_registers(
     version = client.get_model_version_by_alias(kfp_cfg.registry.model_name, "champion")
     assert int(version.version) == 1
     runs = client.search_runs([client.get_experiment_by_name("kfp").experiment_id])
-    parent = next(r for r in runs if r.info.run_name == "kfp-local")
+    # The DAG's parent run, named by the register task for the outcome.
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.run_name.endswith(" · v1 champion"), parent.info.run_name
+    assert parent.data.tags["kdpipe.outcome"] == "champion"
     children = {r.info.run_name for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert children == set(STEP_COMPONENTS)

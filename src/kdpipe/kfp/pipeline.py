@@ -215,7 +215,16 @@ def compile_pipeline(out: Path = DEFAULT_OUTPUT, cfg: Config | None = None) -> P
 def quiet_kfp() -> Iterator[None]:
     """Hide kfp's warnings that do not apply to kdpipe: the v2-backend notice of its client,
     and, locally, that images and GPU requests are ignored."""
-    with warnings.catch_warnings():
+    import logging
+
+    # kfp.local logs with the root logger's functions (logging.info), which install a
+    # handler on the root logger bound to the stream of the moment: kept, it writes to a
+    # closed stream later in the same process. The root logger is restored afterwards.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    with contextlib.ExitStack() as restore, warnings.catch_warnings():
+        restore.callback(lambda: (root.handlers.__setitem__(slice(None), handlers),
+                                  root.setLevel(level)))
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"kfp(\.|$)")
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"kfp\.local")
         warnings.filterwarnings("ignore", message=r".*(no effect in the current local runner"
