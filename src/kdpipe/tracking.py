@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.config import Config
+from kdpipe.env_vars import environ, restore
 from kdpipe.errors import KdpipeError
 from kdpipe.step_result import StepResult
 
@@ -163,7 +164,7 @@ def check_artifacts(uri: str, location: str | None) -> None:
         else:
             import mlflow
 
-            with _env(FAIL_FAST), _quiet_boto():
+            with environ(FAIL_FAST), _quiet_boto():
                 mlflow.artifacts.list_artifacts(artifact_uri=location, tracking_uri=uri)
             problem = None
     except Exception as exc:  # MLflow, boto or requests errors, depending on the store
@@ -217,23 +218,9 @@ def _answer_text(exc: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextlib.contextmanager
 def _quiet_boto() -> Iterator[None]:
     """botocore retries a refused connection with its own backoff; one try is the probe."""
-    with _env({"AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}):
+    with environ({"AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}):
         yield
 
 
@@ -260,11 +247,7 @@ def store_guard(uri: str, where: str) -> Iterator[None]:
     finally:
         _guard_depth -= 1
         if _guard_depth == 0:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            restore(saved)
 
 
 @contextlib.contextmanager

@@ -36,12 +36,12 @@ from typing import Any, TextIO
 from urllib.parse import unquote, urlparse
 
 from kdpipe.config import Config
+from kdpipe.env_vars import environ
 from kdpipe.errors import KdpipeError
 from kdpipe.kfp.adapter import ERRORS_ENV
 from kdpipe.kfp.cluster import MLFLOW_KEYS, STORAGE_KEYS
 from kdpipe.kfp.local import (
     LocalRun,
-    environ,
     errors_file,
     parent_run,
     redirected,

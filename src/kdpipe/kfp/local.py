@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kdpipe.config import Config
+from kdpipe.env_vars import environ
 from kdpipe.errors import KdpipeError
 from kdpipe.kfp.adapter import ERRORS_ENV
 from kdpipe.kfp.pipeline import LAYOUT_OUTPUTS, STEP_COMPONENTS, build_pipeline, quiet_kfp
@@ -155,21 +156,6 @@ def parent_run(cfg: Config, name: str) -> Iterator[tuple[str | None, dict[str, s
             return
         yield run_id, {tracking.PARENT_ENV: run_id,
                        "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg)}
-
-
-@contextlib.contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the task subprocesses, restoring them afterwards."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextlib.contextmanager
