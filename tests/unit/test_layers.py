@@ -12,7 +12,7 @@ from import_graph import PACKAGE, imported, modules, third_party
 
 # Modules every part may import: they import nothing of kdpipe but each other.
 FOUNDATION = {"kdpipe", "errors", "telemetry", "atomic", "progress", "threads", "config",
-              "env_vars",
+              "env_vars", "owner",
               "step_result", "step_settings"}
 # What each part may import besides the foundation. Read from the bottom up: serving and
 # data need nothing else; models pad with serving; compression shrinks models; training

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -22,6 +20,8 @@ from typing import Any
 import yaml
 
 from kdpipe.config import Config
+from kdpipe import owner
+from kdpipe.env_vars import environ
 from kdpipe.errors import KdpipeError
 from kdpipe.registry.gate import KeyMetrics
 from kdpipe.serving.ort import first_line
@@ -126,7 +126,7 @@ class Registry:
         from mlflow.exceptions import MlflowException
 
         lock = f"{name}{LOCK_SUFFIX}"
-        holder = f"{socket.gethostname()} pid {os.getpid()}"
+        holder = owner.me()
         deadline = time.monotonic() + wait_s
         told = False
         while True:
@@ -144,7 +144,7 @@ class Registry:
             if held is None:
                 continue  # released meanwhile
             age_s, who = held
-            if age_s > stale_s:
+            if age_s > stale_s or owner.gone(who):  # its holder died
                 with contextlib.suppress(MlflowException):
                     self.client.delete_registered_model(lock)
                 continue
@@ -305,20 +305,14 @@ def _check_not_moved(cfg: Config, uri: str) -> None:
 def quiet_downloads() -> Iterator[None]:
     """No per-file download bars from MLflow (its artifact progress bar is on by default),
     and none of its INFO chatter (e.g. "Validating input example against model signature")."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
     logger = logging.getLogger("mlflow")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        yield
+        with environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+            yield
     finally:
         logger.setLevel(level)
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 def _version(found: Any) -> Version:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -474,6 +477,15 @@ def test_promotions_take_turns_under_the_registry_lock(env):
     time.sleep(0.05)
     with registry.locked("stale", stale_s=0.01):
         pass
+    # A holder on this host whose process has ended is gone at once, whatever the lock's age.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    registry.client.create_registered_model(
+        "killed.promotion-lock", description=f"lock, held by {socket.gethostname()} "
+        f"pid {dead.pid}; x")
+    started = time.monotonic()
+    with registry.locked("killed", wait_s=30):
+        assert time.monotonic() - started < 5
     registry.client.create_registered_model("held.promotion-lock",
                                             description="lock, held by other-host pid 7; x")
     with pytest.raises(KdpipeError, match=r"another promotion \(other-host pid 7\)"):
