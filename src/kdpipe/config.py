@@ -84,8 +84,12 @@ class NormalizeConfig(Section):
     lowercase: bool = False
 
 
+# The largest ingest.max_length accepted; ingest's truncation error suggests no longer one.
+MAX_LENGTH_LIMIT = 8192
+
+
 class IngestConfig(Section):
-    max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per text.")
+    max_length: int = Field(128, ge=8, le=MAX_LENGTH_LIMIT, description="Tokens kept per text.")
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     drop_duplicates: bool = Field(
@@ -94,6 +98,12 @@ class IngestConfig(Section):
         "validation or test. Duplicates are always reported in the data card.",
     )
     normalize: NormalizeConfig = NormalizeConfig()
+    truncation: Literal["keep", "refuse"] = Field(
+        "keep",
+        description="Texts longer than max_length tokens: keep (the tokenizer cuts them; how "
+        "many, per split, is in the summary and the data card) or refuse (ingest stops, "
+        "naming the file, row and length).",
+    )
 
 
 class TeacherConfig(Section):

@@ -4,7 +4,9 @@ a data card.
 Outputs in ``out_dir``: ``train.parquet``, ``validation.parquet``, ``test.parquet`` (columns
 ``text``: str, ``label``: int id), ``labels.json`` (``{"names": [...]}`` in id order) and
 ``data_card.json`` (rows per split and class, token-length percentiles with the teacher
-tokenizer, duplicates, source provenance, and the content hash later steps key on).
+tokenizer, texts longer than ``ingest.max_length`` tokens, duplicates, source provenance, and
+the content hash later steps key on). With ``ingest.truncation: refuse`` a text longer than
+``max_length`` tokens stops ingest instead, naming its file and row.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ from typing import Any
 import numpy as np
 
 from kdpipe.atomic import atomic_dir, write_json
-from kdpipe.config import Config
-from kdpipe.data.prepare import SPLITS, Prepared, Split, prepare
+from kdpipe.config import MAX_LENGTH_LIMIT, Config
+from kdpipe.data.prepare import SPLITS, Prepared, Split, clean_texts, prepare
+from kdpipe.data.readers import RawSplit
 from kdpipe.data.sources import load_source
+from kdpipe.errors import DataError
 from kdpipe.models.teacher import load_tokenizer
 from kdpipe.step_result import StepResult
 
-# Length statistics look at no more than this many tokens of a text: a 1 MB text would
-# otherwise cost seconds to tokenize only to be truncated at max_length anyway.
+# Token counts stop at STATS_TOKEN_CAP tokens and look at a text's first STATS_TOKEN_CAP * 12
+# characters: tokenizing a 5 MB text whole takes 2-5 s (all-MiniLM-L6-v2's fast tokenizer,
+# measured), its first 98,304 characters 40 ms, and a text that long is cut at max_length
+# (at most 8,192 tokens) anyway. See count_tokens for the rare text where the prefix is not
+# enough to know.
 STATS_TOKEN_CAP = 8192
-_STATS_CHAR_CAP = STATS_TOKEN_CAP * 12
+_CHARS_PER_TOKEN = 12
 
 
 def run(cfg: Config, out_dir: Path) -> StepResult:
@@ -32,7 +39,11 @@ def run(cfg: Config, out_dir: Path) -> StepResult:
     source = load_source(cfg.data)
     prepared = prepare(source.splits, cfg.ingest, cfg.seed, cfg.data.label_names)
     tokenizer = load_tokenizer(cfg.teacher.checkpoint)
-    card = data_card(prepared, source.provenance, token_lengths(prepared, tokenizer, cfg))
+    lengths = token_lengths(prepared, tokenizer, cfg)
+    truncated = {name: lengths[name]["truncated"]["texts"] for name in SPLITS}
+    if cfg.ingest.truncation == "refuse" and any(truncated.values()):
+        refuse_truncation(source.splits, tokenizer, cfg, sum(truncated.values()))
+    card = data_card(prepared, source.provenance, lengths)
     card["normalize"] = cfg.ingest.normalize.model_dump()
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
@@ -43,9 +54,11 @@ def run(cfg: Config, out_dir: Path) -> StepResult:
     metrics = {f"rows_{name}": float(rows[name]) for name in SPLITS}
     metrics["num_classes"] = float(len(prepared.label_names))
     metrics["train_repeated_rows"] = float(card["duplicates"]["train_repeated_rows"])
+    metrics.update({f"truncated_{name}": float(n) for name, n in truncated.items()})
     summary = (
         f"{rows['train']:,} / {rows['validation']:,} / {rows['test']:,} rows, "
-        f"{len(prepared.label_names)} classes, hash {card['content_hash'][:12]}"
+        f"{len(prepared.label_names)} classes, hash {card['content_hash'][:12]}, "
+        f"{truncation_summary(lengths)}"
     )
     return StepResult(
         "ingest", out_dir, metrics, [out_dir / "data_card.json", out_dir / "labels.json"], summary
@@ -64,22 +77,108 @@ def write_split(split: Split, path: Path) -> None:
 
 
 def token_lengths(prepared: Prepared, tokenizer: Any, cfg: Config) -> dict[str, Any]:
-    """Token-count percentiles per split with the teacher tokenizer (special tokens included)."""
+    """Token-count percentiles per split with the teacher tokenizer (special tokens included),
+    and the texts longer than ``ingest.max_length`` tokens: how many, and the longest of them
+    in tokens and characters (null when none). Counts stop at ``counted_up_to``: a count equal
+    to it means at least that many."""
+    max_length = cfg.ingest.max_length
+    cap = _count_cap(max_length)
     stats: dict[str, Any] = {
         "tokenizer": f"{cfg.teacher.checkpoint} ({type(tokenizer).__name__})",
-        "max_length": cfg.ingest.max_length,
+        "max_length": max_length,
+        "counted_up_to": cap,
     }
     for name in SPLITS:
-        texts = [t[:_STATS_CHAR_CAP] for t in prepared.splits[name].texts]
-        encoded = tokenizer(texts, truncation=True, max_length=STATS_TOKEN_CAP)
-        lengths = np.array([len(ids) for ids in encoded["input_ids"]])
+        texts = prepared.splits[name].texts
+        lengths = count_tokens(texts, tokenizer, cap)
+        over = np.flatnonzero(lengths > max_length).tolist()
+        longest = max(over, key=lambda i: (lengths[i], len(texts[i])), default=None)
         stats[name] = {
             **{f"p{q}": round(float(np.percentile(lengths, q)), 2) for q in (50, 90, 95, 99)},
             "max": int(lengths.max()),
             "mean": round(float(lengths.mean()), 2),
-            "truncated_fraction": round(float((lengths > cfg.ingest.max_length).mean()), 6),
+            "truncated_fraction": round(len(over) / len(texts), 6),
+            "truncated": {
+                "texts": len(over),
+                "longest_tokens": None if longest is None else int(lengths[longest]),
+                "longest_chars": None if longest is None else len(texts[longest]),
+            },
         }
     return stats
+
+
+def count_tokens(texts: list[str], tokenizer: Any, cap: int) -> np.ndarray:
+    """Tokens in each text (special tokens included), counted up to ``cap``.
+
+    Only the first ``cap * 12`` characters of a text are tokenized (see STATS_TOKEN_CAP). A
+    longer text whose prefix holds fewer than ``cap`` tokens is tokenized whole, so that no
+    count is a guess: only texts averaging more than 12 characters a token get there (long
+    whitespace runs, an unbroken blob that is one [UNK]), and they cost seconds per 5 MB.
+    """
+    chars = cap * _CHARS_PER_TOKEN
+    lengths = _encoded_lengths([text[:chars] for text in texts], tokenizer, cap)
+    unsure = [i for i, text in enumerate(texts) if len(text) > chars and lengths[i] < cap]
+    if unsure:
+        lengths[unsure] = _encoded_lengths([texts[i] for i in unsure], tokenizer, cap)
+    return lengths
+
+
+def _encoded_lengths(texts: list[str], tokenizer: Any, cap: int) -> np.ndarray:
+    encoded = tokenizer(texts, truncation=True, max_length=cap)
+    return np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
+
+
+def _count_cap(max_length: int) -> int:
+    # One more than max_length at least, so that a text over it is always seen to be.
+    return max(STATS_TOKEN_CAP, max_length + 1)
+
+
+def truncation_summary(lengths: dict[str, Any]) -> str:
+    """``"2 texts cut at 128 tokens (train 1, test 1; longest 8,192+ tokens, 5,000,000
+    chars)"``, or ``"no text over 128 tokens"``."""
+    max_length = lengths["max_length"]
+    counts = {name: lengths[name]["truncated"] for name in SPLITS}
+    total = sum(c["texts"] for c in counts.values())
+    if not total:
+        return f"no text over {max_length} tokens"
+    per_split = ", ".join(f"{name} {c['texts']:,}" for name, c in counts.items() if c["texts"])
+    longest = max((c for c in counts.values() if c["texts"]),
+                  key=lambda c: (c["longest_tokens"], c["longest_chars"]))
+    tokens = _tokens_text(longest["longest_tokens"], lengths["counted_up_to"])
+    return (f"{total:,} text{'s' if total > 1 else ''} cut at {max_length} tokens ({per_split}; "
+            f"longest {tokens} tokens, {longest['longest_chars']:,} chars)")
+
+
+def _tokens_text(tokens: int, cap: int) -> str:
+    return f"{tokens:,}+" if tokens >= cap else f"{tokens:,}"
+
+
+def refuse_truncation(raw: dict[str, RawSplit], tokenizer: Any, cfg: Config, total: int) -> None:
+    """Raise a ``DataError`` naming the first source row whose text is longer than
+    ``ingest.max_length`` tokens (``total`` of the prepared texts are)."""
+    max_length = cfg.ingest.max_length
+    cap = _count_cap(max_length)
+    # A longer max_length is worth suggesting only where the config and the tokenizer allow it.
+    limit = min(MAX_LENGTH_LIMIT, getattr(tokenizer, "model_max_length", None) or MAX_LENGTH_LIMIT)
+    for split in raw.values():
+        texts = clean_texts(split, cfg.ingest.normalize)
+        lengths = count_tokens(texts, tokenizer, cap)
+        over = np.flatnonzero(lengths > max_length)
+        if not len(over):
+            continue
+        i = int(over[0])
+        tokens = int(lengths[i])
+        fits = tokens < cap and tokens <= limit
+        raise_to = f"raise ingest.max_length to {tokens}, " if fits else ""
+        others = f" ({total:,} texts in all)" if total > 1 else ""
+        raise DataError(
+            f"{split.origin}: row {split.rows[i]}: text is {_tokens_text(tokens, cap)} tokens "
+            f"({len(texts[i]):,} characters), more than ingest.max_length={max_length}{others}; "
+            f"shorten it, {raise_to}or set -S ingest.truncation=keep to let the tokenizer cut it"
+        )
+    raise DataError(  # not reached: every prepared text is a cleaned source text
+        f"{cfg.data.source}: {total:,} texts longer than ingest.max_length={max_length} tokens"
+    )
 
 
 def data_card(prepared: Prepared, provenance: dict[str, Any],
