@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kdpipe.interrupts import deferred
+from kdpipe.owner import alive
+
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
@@ -35,11 +38,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
     _fsync_tree(tmp)
     old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
+    with deferred():  # a SIGTERM between the two renames would leave no target at all
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -83,22 +87,12 @@ def sweep(target: Path) -> None:
     for leftover in target.parent.glob(f".{glob.escape(target.name)}.*"):
         kind, _, rest = leftover.name[len(target.name) + 2:].partition("-")
         pid = rest.split("-", 1)[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or alive(int(pid)):
             continue
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _umask() -> int:

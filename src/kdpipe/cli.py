@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +24,9 @@ from kdpipe import __version__
 from kdpipe.atomic import write_json
 from kdpipe.config import Config, defaults_yaml, load_config, to_yaml
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline import STEPS, Step
+from kdpipe.interrupts import Interrupted, as_interrupts
+from kdpipe.pipeline import STEPS, Step, step_named
+from kdpipe.work_lock import work_dir_lock
 
 app = typer.Typer(
     help="Distil a large text classifier into a small, fast one, and ship it.\n\n"
@@ -54,21 +57,48 @@ DEMO_NOTICE = (
 )
 
 
+# The step running now, for the line an interruption prints: (step, work_dir layout, the
+# command that resumes it).
+_current: dict[str, Any] = {}
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with as_interrupts():
+                return fn(*args, **kwargs)
         except KdpipeError as exc:
             # Escaped: messages hold literal brackets (kdpipe[gcs], hf:x[train]).
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
                       soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/]")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            err.print(f"[red]{escape(_interrupted_line(exc))}[/]", highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(exc.exit_code if isinstance(exc, Interrupted) else 130) from None
+        finally:
+            _current.clear()
 
     return wrapper
+
+
+def _interrupted_line(exc: KeyboardInterrupt) -> str:
+    """One line: what stopped, where, and how to go on."""
+    from kdpipe import provenance
+
+    signal_name = exc.name if isinstance(exc, Interrupted) else "SIGINT"
+    step: Step | None = _current.get("step")
+    if step is None:
+        return f"interrupted ({signal_name})"
+    where = provenance.checkpoint_text(_current["paths"], step)
+    again = (f"{step.name} resumes from its checkpoint ({where})" if where else
+             f"{step.name} starts over")
+    resume = _current["resume"]
+    then = (f"`{resume}` keeps the finished steps and {again}" if resume == "kdpipe run"
+            else f"`{resume}` again: {again}")
+    killed = "MLflow runs ended KILLED; " if _current["tracked"] else ""
+    return f"interrupted ({signal_name}) during {step.name}; {killed}{then}"
 
 
 def _version(value: bool) -> None:
@@ -85,13 +115,31 @@ def main(
     """kdpipe: knowledge-distillation pipeline."""
 
 
-def _run_step(step: Step, cfg: Config) -> Any:
-    from kdpipe import tracking
+def _run_step(step: Step, cfg: Config, command: str, why: str | None = None,
+              pipeline_run_id: str | None = None) -> Any:
+    """Run ``step`` tracked, its provenance recorded (``kdpipe.provenance``)."""
+    from kdpipe import provenance, tracking
 
+    _current.update(step=step, paths=cfg.paths, resume=command, tracked=cfg.tracking.enabled)
     # No spinner here: steps draw their own progress bars, and rich allows one live display.
     err.print(f"[bold]▶ {step.name}[/] [dim]{step.help}[/]", highlight=False)
-    result = tracking.step_run(cfg, step.name, lambda log: step.call(cfg, log))
+    if why:
+        where = provenance.checkpoint_text(cfg.paths, step)
+        resumes = (f"; resumes from the checkpoint an interrupted run left ({where}) if it "
+                   "was made from the same data and settings" if where else "")
+        err.print(f"  [dim]runs: {escape(why)}{resumes}[/]", highlight=False)
+    run = provenance.RunInfo(command, pipeline_run_id=pipeline_run_id)
+    provenance.started(cfg, step, run)
+    seen: dict[str, str | None] = {}
+
+    def call(log: Any) -> Any:
+        seen["run"] = tracking.current_run_id()
+        return step.call(cfg, log)
+
+    result = tracking.step_run(cfg, step.name, call)
     write_json(cfg.paths.metrics / f"{step.name}.json", result.metrics)
+    provenance.finished(cfg, step, replace(run, mlflow_run_id=seen.get("run")))
+    _current.clear()
     err.print(f"[green]✓[/] {step.name}: {result.summary}", highlight=False)
     return result
 
@@ -99,10 +147,16 @@ def _run_step(step: Step, cfg: Config) -> Any:
 def _register_step(step: Step) -> None:
     @friendly_errors
     def command(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+        from kdpipe import provenance
+
         cfg = load_config(params, set_)
         if step.name == "ingest" and cfg.data.source == "demo":
             err.print(DEMO_NOTICE)
-        _run_step(step, cfg)
+        with work_dir_lock(cfg.work_dir, f"kdpipe {step.command}"):
+            if step.name == "register":  # what it reads must be of one run
+                provenance.check_consistent(
+                    cfg.paths, [provenance.producer(f) for f in step.folders], "register")
+            _run_step(step, cfg, f"kdpipe {step.command}")
 
     command.__doc__ = step.help
     app.command(step.command, help=step.help)(command)
@@ -128,23 +182,38 @@ def run(
         "per task (kfp.local, offline). kfp-docker: the same DAG, each task in a container of "
         "kfp.cpu_image (docker/build.sh --local-base --no-push builds it; a local MLflow "
         "store is served for the run). Same outputs under work_dir.")] = Runner.local,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Re-run every step, even those whose output is up to date.")] = False,
+    from_step: Annotated[str | None, typer.Option(
+        "--from", metavar="STEP", show_default=False,
+        help="Re-run STEP and every step after it (e.g. --from distill after changing the "
+        "code); earlier steps only if stale.")] = None,
 ) -> None:
-    """Run every step in order, tracked as one MLflow parent run, and print a summary."""
-    from kdpipe import tracking
+    """Run the steps in order, tracked as one MLflow parent run, and print a summary.
+
+    Like `dvc repro`, a step whose output is up to date is kept: same settings, same kdpipe
+    version, and inputs with the content they had when it ran (work_dir/provenance/ records
+    it). The others re-run, each saying why; teacher and distill resume from the checkpoint
+    an interrupted run left. Only one kdpipe command writes into a work_dir at a time.
+    """
+    from kdpipe import provenance
 
     cfg = load_config(params, set_)
+    first = _step_option(from_step)
     if cfg.data.source == "demo":
         err.print(DEMO_NOTICE)
-    if runner is not Runner.local:
-        _run_kfp(cfg, runner)
-        return
-    rows = []
-    with tracking.pipeline_run(cfg) as run_id:
-        for index, step in enumerate(STEPS, start=1):
-            err.print(f"[dim]step {index}/{len(STEPS)}[/]", end=" ")
-            start = time.perf_counter()
-            result = _run_step(step, cfg)
-            rows.append((step.name, f"{time.perf_counter() - start:.1f}", result.summary))
+    with work_dir_lock(cfg.work_dir, f"kdpipe run --runner {runner.value}"):
+        if runner is not Runner.local:
+            _run_kfp(cfg, runner)
+            return
+        forced = {s.name for s in STEPS} if force else (
+            {s.name for s in STEPS[STEPS.index(first):]} if first else set())
+        if not forced and all(provenance.stale(cfg, s) is None for s in STEPS):
+            err.print("every step is up to date (--force re-runs them); the last run's "
+                      "results:", highlight=False)
+            _print_comparison(cfg)
+            return
+        rows, run_id = _run_stale(cfg, forced)
     table = Table(title="kdpipe run")
     for column in ("step", "seconds", "result"):
         table.add_column(column)
@@ -154,6 +223,42 @@ def run(
     _print_comparison(cfg)
     if run_id:
         _print_mlflow_run(cfg, run_id)
+
+
+def _step_option(name: str | None) -> Step | None:
+    if name is None:
+        return None
+    names = [s.name for s in STEPS]
+    wanted = name.replace("-", "_")
+    if wanted not in names:
+        raise KdpipeError(f"--from {name}: no such step; one of {', '.join(names)}")
+    return step_named(wanted)
+
+
+def _run_stale(cfg: Config, forced: set[str]) -> tuple[list[tuple[str, ...]], str | None]:
+    """Each step in order inside one parent run: the stale (or ``forced``) ones run, the
+    others are kept. Register runs whenever anything before it ran."""
+    from kdpipe import provenance, tracking
+
+    rows: list[tuple[str, ...]] = []
+    ran = False
+    with tracking.pipeline_run(cfg) as run_id:
+        for index, step in enumerate(STEPS, start=1):
+            err.print(f"[dim]step {index}/{len(STEPS)}[/]", end=" ")
+            why = "forced (--force or --from)" if step.name in forced else \
+                provenance.stale(cfg, step)
+            if why is None and ran and step.name in provenance.ALWAYS:
+                why = "steps before it ran: it records this run's outcome in MLflow"
+            if why is None:
+                kept = provenance.up_to_date_text(cfg, step)
+                err.print(f"[green]✓[/] {step.name}: {escape(kept)}", highlight=False)
+                rows.append((step.name, "–", kept))
+                continue
+            start = time.perf_counter()
+            result = _run_step(step, cfg, "kdpipe run", why, run_id)
+            ran = True
+            rows.append((step.name, f"{time.perf_counter() - start:.1f}", result.summary))
+    return rows, run_id
 
 
 def _print_comparison(cfg: Config) -> None:
@@ -196,6 +301,8 @@ def _print_mlflow_run(cfg: Config, run_id: str) -> None:
 
 def _run_kfp(cfg: Config, runner: Runner) -> None:
     """The DAG with kfp.local: in subprocesses (kfp-local) or containers (kfp-docker)."""
+    from kdpipe import provenance
+
     if runner is Runner.kfp_docker:
         from kdpipe.kfp.docker import run_in_docker as run_dag
         where = f"in containers of {cfg.kfp.cpu_image}"
@@ -207,6 +314,9 @@ def _run_kfp(cfg: Config, runner: Runner) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     err.print(f"[bold]▶ {name}[/] [dim]the Kubeflow DAG {where}; kfp's log: {log_path}[/]",
               highlight=False)
+    # The DAG's outputs replace work_dir's without kdpipe's records (Kubeflow keeps its own
+    # lineage): forget the old ones, so nothing is judged by a record of other folders.
+    provenance.clear(cfg.paths.root)
     with log_path.open("w", encoding="utf-8") as log:
         done = run_dag(cfg, log=log)
     table = Table(title=f"kdpipe run --runner {name}")
@@ -283,10 +393,19 @@ def predict(
     model: Annotated[Path, typer.Option(help="An exported or quantized model folder.")] = Path(
         "work/quantized"),
 ) -> None:
-    """Classify texts with an exported model; prints one JSON object per text."""
+    """Classify texts with an exported model; prints one JSON object per text.
+
+    A folder in a work_dir is refused when it was made from a mix of runs (e.g. an old
+    student after an interrupted run re-made the teacher): `kdpipe run` brings it up to date.
+    """
     import json
 
+    from kdpipe import provenance
     from kdpipe.serving.predictor import Predictor
+
+    owned = provenance.owning_step(model)
+    if owned is not None:
+        provenance.check_consistent(owned[0], [owned[1]], f"kdpipe predict --model {model}")
 
     for text, prediction in zip(texts, Predictor(model).predict(texts), strict=True):
         typer.echo(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))

@@ -251,6 +251,21 @@ def store_guard(uri: str, where: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def ends_killed() -> Iterator[None]:
+    """Inside a run: an interruption (Ctrl-C, SIGTERM, SIGHUP) ends it KILLED, as MLflow's
+    UI tells an interrupted run from a failed one; MLflow's own ``start_run`` would mark it
+    FAILED. One quick try: a process asked to stop has seconds, not minutes."""
+    import mlflow
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception), environ(FAIL_FAST):
+            mlflow.end_run("KILLED")
+        raise
+
+
+@contextlib.contextmanager
 def fail_fast() -> Iterator[None]:
     """Inside a run: after a store failure, the run's end (and its parents') tries once."""
     from mlflow.exceptions import MlflowException
@@ -303,9 +318,24 @@ def configure(cfg: Config) -> str:
             experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
         check_not_moved(cfg, uri, experiment.artifact_location)
         if experiment.tags.get(EXPERIMENT_KIND[0]) is None:
-            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+            _tag_experiment(experiment.experiment_id)
     check_artifacts(uri, experiment.artifact_location)
     return experiment.experiment_id
+
+
+def _tag_experiment(experiment_id: str) -> None:
+    """Set ``EXPERIMENT_KIND`` on the experiment. Two runs starting at once may both try:
+    MLflow's SQL store inserts the tag, and the later insert fails on the primary key
+    (``experiment_tag_pk``), though the tag is then set as wanted."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+    except MlflowException:
+        if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND[0]) is None:
+            raise
 
 
 def check_not_moved(cfg: Config, uri: str, location: str | None) -> None:
@@ -381,7 +411,7 @@ def pipeline_run(cfg: Config, name: str = "pipeline") -> Iterator[str | None]:
     experiment_id = configure(cfg)
     with store_guard(tracking_uri(cfg), f"the {name} run"), \
             mlflow.start_run(experiment_id=experiment_id, run_name=name,
-                             tags=_run_tags(cfg)) as run, fail_fast():
+                             tags=_run_tags(cfg)) as run, fail_fast(), ends_killed():
         mlflow.log_params(flatten(cfg.model_dump(mode="json")))
         yield run.info.run_id
 
@@ -404,7 +434,7 @@ def step_run(cfg: Config, step: str, fn: Callable[[LogMetric | None], StepResult
     tags = {"kdpipe.step": step, **(_run_tags(cfg) if settings is None else {})}
     with store_guard(tracking_uri(cfg), f"step {step}"), \
             mlflow.start_run(experiment_id=experiment_id, run_name=step, parent_run_id=parent,
-                             nested=active is not None, tags=tags), fail_fast():
+                             nested=active is not None, tags=tags), fail_fast(), ends_killed():
         if active is None:
             mlflow.log_params(flatten(cfg.model_dump(mode="json") if settings is None
                                       else settings))
@@ -440,7 +470,7 @@ def active_or_own_run(cfg: Config, step: str) -> Iterator[str]:
     experiment_id = configure(cfg)
     with mlflow.start_run(experiment_id=experiment_id, run_name=step,
                           tags={"kdpipe.step": step,
-                                "kdpipe.params_hash": cfg.params_hash()}) as run:
+                                "kdpipe.params_hash": cfg.params_hash()}) as run, ends_killed():
         yield run.info.run_id
 
 
@@ -482,3 +512,15 @@ def log_text(text: str, name: str) -> None:
     import mlflow
 
     mlflow.log_text(text, name)
+
+
+def current_run_id() -> str | None:
+    """The active MLflow run's id, if a run is active in this process."""
+    import sys
+
+    if "mlflow" not in sys.modules:  # tracking off: no run, and no reason to import MLflow
+        return None
+    import mlflow
+
+    active = mlflow.active_run()
+    return active.info.run_id if active else None

@@ -148,7 +148,10 @@ def test_killed_runs_resume_and_end_like_an_uninterrupted_one(clean_run, tmp_pat
         "distill": lambda lines: distill_ckpt.is_file(),  # last: the final run resumes it
     }
     for point, when in kill_points.items():
-        killed, err = run_until(cmd, tmp_path, when)
+        # After the register kill every step before it is up to date and would be kept:
+        # --from distill makes the last kill land in distill.
+        killed, err = run_until(cmd + ["--from", "distill"] * (point == "distill"), tmp_path,
+                                when)
         assert killed, f"the run ended before the {point} kill point:\n{err}"
         if point == "soft_labels":  # this run went on from the teacher checkpoint
             training = json.loads((work / "teacher" / "training.json").read_text())

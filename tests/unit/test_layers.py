@@ -12,7 +12,7 @@ from import_graph import PACKAGE, imported, modules, third_party
 
 # Modules every part may import: they import nothing of kdpipe but each other.
 FOUNDATION = {"kdpipe", "errors", "telemetry", "atomic", "progress", "threads", "config",
-              "env_vars", "owner",
+              "env_vars", "owner", "interrupts", "work_lock",
               "step_result", "step_settings"}
 # What each part may import besides the foundation. Read from the bottom up: serving and
 # data need nothing else; models pad with serving; compression shrinks models; training
@@ -30,8 +30,10 @@ ALLOWED = {
     "steps": {"serving", "data", "models", "compression", "training", "evaluation",
               "tracking", "registry"},
     "pipeline": {"steps"},
+    "provenance": {"pipeline"},
     "kfp": {"pipeline", "steps", "tracking", "registry", "data"},
-    "cli": {"pipeline", "steps", "tracking", "registry", "kfp", "serving", "data"},
+    "cli": {"pipeline", "provenance", "steps", "tracking", "registry", "kfp", "serving",
+            "data"},
     "__main__": {"cli"},
 }
 # The one import against the layers, on demand: a model folder holding a PyTorch int8

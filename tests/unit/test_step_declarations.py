@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 # progress bars, thread counts, StepResult (package __init__ files holding only a docstring
 # are left out as well).
 FOUNDATION = {"__init__.py", "config.py", "errors.py", "atomic.py", "telemetry.py",
-              "progress.py", "threads.py", "step_result.py", "step_settings.py"}
+              "progress.py", "threads.py", "step_result.py", "step_settings.py",
+              "interrupts.py", "owner.py"}
 
 
 def stages() -> dict:

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from kdpipe.config import Config
 from kdpipe import owner
+from kdpipe.config import Config
 from kdpipe.env_vars import environ
 from kdpipe.errors import KdpipeError
 from kdpipe.registry.gate import KeyMetrics

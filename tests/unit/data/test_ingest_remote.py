@@ -269,7 +269,7 @@ def test_unreachable_endpoint_fails_within_seconds(aws_env, cli, monkeypatch):
                            f"http://127.0.0.1:{port}; check AWS_ENDPOINT_URL")
 
 
-def test_gs_without_gcsfs_says_which_extra_to_install():
+def test_gs_without_gcsfs_says_which_extra_to_install(tmp_path):
     with contextlib.suppress(ImportError):
         import gcsfs  # noqa: F401
 
@@ -284,7 +284,8 @@ def test_gs_without_gcsfs_says_which_extra_to_install():
     from kdpipe.cli import app
 
     result = CliRunner().invoke(app, ["ingest", "-S", "data.source=gs://bucket/reviews.csv",
-                                      "-S", "tracking.enabled=false"])
+                                      "-S", "tracking.enabled=false",
+                                      "-S", f"work_dir={tmp_path / 'work'}"])
     assert result.exit_code == 1
     assert "pip install 'kdpipe[gcs]'" in result.output
 

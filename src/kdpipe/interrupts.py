@@ -1,0 +1,78 @@
+"""SIGTERM and SIGHUP handled like Ctrl-C.
+
+``timeout``, CI cancellation, ``docker stop`` and ``kubectl delete pod`` send SIGTERM; a
+closed terminal sends SIGHUP. Python's default for both is to die on the spot: no ``finally``
+runs, so MLflow runs stay RUNNING and temporary folders stay behind. Inside
+``as_interrupts()`` each of them (and SIGINT) raises ``Interrupted``, a ``KeyboardInterrupt``,
+in the main thread: everything that already cleans up after Ctrl-C (atomic writes, the
+training checkpoints, the MLflow runs, which end KILLED) does so for them too.
+
+``deferred()`` holds signals back for a few lines that must not be cut in two (swapping an
+output folder into place); they are delivered when the block ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal asked the process to stop; ``exit_code`` is the shell's 128 + its number."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def as_interrupts() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` inside the block (main thread only;
+    elsewhere the block runs unchanged). A second SIGTERM or SIGHUP while the first one's
+    clean-up runs is ignored; a second Ctrl-C gets Python's default (stop now)."""
+    if not _in_main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if received:  # cleaning up after the first one: let it finish
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        received.append(signum)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in HANDLED}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """The handled signals are held back inside the block and delivered after it."""
+    if not _in_main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
