@@ -41,7 +41,9 @@ REQUIREMENTS = ("onnxruntime", "transformers", "tokenizers", "numpy", "pandas")
 SHIPPED = ("__init__.py", "errors.py", "telemetry.py", "serving")
 # A torch_dynamic folder (an int8 PyTorch student, kdpipe.compression.torch_int8) is served
 # by PyTorch: its model also needs the student architectures and their loaders.
-TORCH_SHIPPED = ("atomic.py", "config.py", "threads.py", "models", "compression")
+# atomic imports interrupts and owner.
+TORCH_SHIPPED = ("atomic.py", "interrupts.py", "owner.py", "config.py", "threads.py", "models",
+                 "compression")
 TORCH_REQUIREMENTS = ("torch", "safetensors", "pydantic", "PyYAML")
 # Left out of the artifact: a TensorRT plan is built for one GPU, and serving is CPU ORT.
 NOT_SHIPPED = ("*.plan",)
