@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -50,3 +51,26 @@ def test_a_signal_inside_deferred_arrives_after_the_block():
     """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['first rename', 'second rename', 'SIGTERM']"
+
+
+def test_sigterm_is_passed_on_to_child_processes_ctrl_c_is_not():
+    done = run("""
+        import os, signal, subprocess, sys, time
+        from kdpipe.interrupts import Interrupted, as_interrupts
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            time.sleep(0.5)
+            try:
+                with as_interrupts():
+                    os.kill(os.getpid(), sig)
+                    time.sleep(5)
+            except Interrupted:
+                pass
+            try:
+                print(sig.name, child.wait(timeout=10 if sig == signal.SIGTERM else 1))
+            except subprocess.TimeoutExpired:
+                print(sig.name, "running")
+                child.kill()
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["SIGTERM", str(-signal.SIGTERM), "SIGINT", "running"]
