@@ -86,10 +86,11 @@ def servers_on(store: Path) -> list[int]:
 
 
 def files(folder: Path) -> set[str]:
-    """Files under ``folder``, but the MLflow store's and the runners' logs."""
+    """Files under ``folder``, but the MLflow store's, the runners' logs and kdpipe's
+    provenance records (the DAG's outputs carry Kubeflow's lineage instead)."""
     found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     return {f for f in found if f not in {"mlflow.db", "kfp-docker.log"}
-            and not f.startswith("mlartifacts/")}
+            and not f.startswith(("mlartifacts/", "provenance/"))}
 
 
 def tiny_settings(teacher: Path, **extra) -> dict:

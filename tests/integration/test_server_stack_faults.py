@@ -119,7 +119,9 @@ def test_the_server_restarting_mid_run_is_ridden_out_and_a_dead_one_is_one_line(
     assert first.finish() == 0, first.output
     assert record(work)["version"] == 1
 
-    second = Kdpipe(args, stack.tracking_uri, tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+    # --force: every step is up to date, and the server must stop while the teacher runs.
+    second = Kdpipe([*args, "--force"], stack.tracking_uri, tmp_path,
+                    MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
                     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     second.wait_for("▶ teacher")
     server_stack.stop(stack.processes["mlflow"])
