@@ -106,11 +106,13 @@ def run(cfg: Config, prepared_dir: Path, teacher_dir: Path, baseline_dir: Path,
 
 
 def summarize(doc: dict[str, Any]) -> str:
-    """One line: the most accurate model that is not a teacher, against the teacher."""
-    found = doc["models"]
+    """One line: the most accurate model that is not a teacher (the faster of a tie), against
+    the teacher."""
+    found, head = doc["models"], report.headline_batch(doc)
     candidates = [n for n in found if n not in TEACHERS] or list(found)
-    best = max(candidates, key=lambda n: found[n]["accuracy"])
-    m, head = found[best], report.headline_batch(doc)
+    best = max(candidates, key=lambda n: (found[n]["accuracy"],
+                                          -found[n]["latency_ms"][head]["p50"]))
+    m = found[best]
     line = (f"{len(found)} models on {doc['rows']:,} {doc['split']} rows; best: {best} "
             f"accuracy {m['accuracy']:.2%}, {head} p50 {m['latency_ms'][head]['p50']:.2f} ms, "
             f"{m['size_bytes'] / 1e6:.2f} MB")

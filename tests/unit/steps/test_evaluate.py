@@ -347,3 +347,13 @@ def test_latency_helpers():
     assert latency.percentiles_ms(np.array([0.001, 0.002, 0.003])) == pytest.approx(
         {"p50": 2.0, "p95": 2.9})
     assert latency.calls_per_model([1, 32], warmup=5, repeats=50) == 220
+
+
+def test_the_summary_names_the_faster_of_equally_accurate_models(evaluated):
+    doc = json.loads(json.dumps(evaluated[1]))
+    students = [n for n in doc["models"] if n not in evaluate.TEACHERS][:2]
+    head = evaluate.report.headline_batch(doc)
+    for name, p50 in zip(students, (5.0, 1.0), strict=True):
+        doc["models"][name]["accuracy"] = 1.0
+        doc["models"][name]["latency_ms"][head]["p50"] = p50
+    assert f"best: {students[1]} accuracy 100.00%" in evaluate.summarize(doc)
