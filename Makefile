@@ -23,7 +23,7 @@ run: setup
 	$(BIN)/kdpipe run
 
 test: setup
-	$(BIN)/python -m pytest -q -n auto  # one worker per core (pytest-xdist)
+	$(BIN)/python -m pytest -q -n auto --durations=25  # one worker per core (pytest-xdist); the slowest listed
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -n auto tests/unit

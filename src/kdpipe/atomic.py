@@ -76,6 +76,18 @@ def write_json(target: Path, data: Any) -> None:
         handle.write("\n")
 
 
+def read_json(path: Path, missing: Any = None, damaged: Any = None) -> Any:
+    """The JSON document at ``path``: ``missing`` when there is no file, ``damaged`` when it
+    cannot be read or parsed. For kdpipe's own bookkeeping (provenance records, locks), where
+    a file left half-written by a killed process counts as no record rather than an error."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return missing
+    except (OSError, ValueError):
+        return damaged
+
+
 def _prefix(target: Path) -> str:
     # The writer's pid in the name tells a killed writer's leftovers from a live one's.
     return f".{target.name}.tmp-{os.getpid()}-"

@@ -208,12 +208,24 @@ def run(
             return
         forced = {s.name for s in STEPS} if force else (
             {s.name for s in STEPS[STEPS.index(first):]} if first else set())
-        if not forced and all(provenance.stale(cfg, s) is None for s in STEPS):
-            err.print("every step is up to date (--force re-runs them); the last run's "
-                      "results:", highlight=False)
-            _print_comparison(cfg)
-            return
-        rows, run_id = _run_stale(cfg, forced)
+        # Why each step up to the first stale one must run (None: up to date); nothing runs
+        # before that one, so the loop reuses these instead of checking them again.
+        checked: dict[str, str | None] = {}
+        if not forced:
+            for step in STEPS:
+                checked[step.name] = provenance.stale(cfg, step)
+                if checked[step.name] is not None:
+                    break
+            else:
+                err.print("every step is up to date (--force re-runs them); the last run's "
+                          "results:", highlight=False)
+                _print_comparison(cfg)
+                last = (provenance.read(cfg.paths.root, STEPS[-1].name) or {}).get(
+                    "pipeline_run_id")
+                if last and cfg.tracking.enabled:
+                    _print_mlflow_run(cfg, last)
+                return
+        rows, run_id = _run_stale(cfg, forced, checked)
     table = Table(title="kdpipe run")
     for column in ("step", "seconds", "result"):
         table.add_column(column)
@@ -235,9 +247,11 @@ def _step_option(name: str | None) -> Step | None:
     return step_named(wanted)
 
 
-def _run_stale(cfg: Config, forced: set[str]) -> tuple[list[tuple[str, ...]], str | None]:
+def _run_stale(cfg: Config, forced: set[str], checked: dict[str, str | None]
+               ) -> tuple[list[tuple[str, ...]], str | None]:
     """Each step in order inside one parent run: the stale (or ``forced``) ones run, the
-    others are kept. Register runs whenever anything before it ran."""
+    others are kept (``checked``: steps already found stale or not). Register runs whenever
+    anything before it ran."""
     from kdpipe import provenance, tracking
 
     rows: list[tuple[str, ...]] = []
@@ -246,7 +260,7 @@ def _run_stale(cfg: Config, forced: set[str]) -> tuple[list[tuple[str, ...]], st
         for index, step in enumerate(STEPS, start=1):
             err.print(f"[dim]step {index}/{len(STEPS)}[/]", end=" ")
             why = "forced (--force or --from)" if step.name in forced else \
-                provenance.stale(cfg, step)
+                checked[step.name] if step.name in checked else provenance.stale(cfg, step)
             if why is None and ran and step.name in provenance.ALWAYS:
                 why = "steps before it ran: it records this run's outcome in MLflow"
             if why is None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import __version__, owner
-from kdpipe.atomic import write_json
+from kdpipe.atomic import read_json, write_json
 from kdpipe.config import Config, Layout
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline import STEPS, Step
@@ -76,13 +76,8 @@ def folder_hash(path: Path) -> str:
 
 
 def read(root: Path, step: str) -> dict[str, Any] | None:
-    path = _record_path(root, step)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return None  # damaged: as good as no record, so the step re-runs
+    # A damaged record is as good as none, so the step re-runs.
+    return read_json(_record_path(root, step))
 
 
 def _settings(cfg: Config, step: Step) -> dict[str, Any]:
@@ -192,7 +187,7 @@ def stale(cfg: Config, step: Step) -> str | None:
     paths = cfg.paths
     marker = _marker(paths.root, step.name)
     if marker.exists():
-        holder = _json(marker)
+        holder = read_json(marker, {}, {})
         return f"its last run did not finish ({holder.get('command', 'kdpipe')} at " \
                f"{holder.get('since', '?')})"
     record = read(paths.root, step.name)
@@ -223,13 +218,6 @@ def up_to_date_text(cfg: Config, step: Step) -> str:
     return f"up to date (made by {_made_by(record)})"
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def upstream(step: Step) -> list[Step]:
     """``step`` and every step it depends on, nearest first."""
     seen: dict[str, Step] = {}
@@ -251,7 +239,7 @@ def check_consistent(paths: Layout, steps: Iterable[Step], what: str) -> None:
     for step in {s.name: s for top in steps for s in upstream(top)}.values():
         marker = _marker(paths.root, step.name)
         if marker.exists():
-            holder = _json(marker)
+            holder = read_json(marker, {}, {})
             doing = ("is being re-made now" if not owner.gone(holder.get("holder", ""))
                      else "was left unfinished by a run that failed or was interrupted")
             raise KdpipeError(
@@ -289,7 +277,7 @@ def checkpoint_text(paths: Layout, step: Step) -> str | None:
     one."""
     if not step.resumable:
         return None
-    state = _json(paths.checkpoints / step.name / "state.json").get("state") or {}
+    state = read_json(paths.checkpoints / step.name / "state.json", {}, {}).get("state") or {}
     # The teacher saves every few optimizer steps, distill after each epoch.
     if step.name == "distill" and "epoch" in state:
         return f"epoch {int(state['epoch']) + 1} done"

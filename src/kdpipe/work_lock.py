@@ -23,18 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kdpipe import owner
+from kdpipe.atomic import read_json
 from kdpipe.errors import KdpipeError
 
 LOCK_NAME = ".kdpipe.lock"
 
 
 def _holder(path: Path) -> dict[str, str] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}  # being written, or damaged: treat as held by an unknown owner
+    # Being written, or damaged: held by an unknown owner ({}).
+    return read_json(path, None, {})
 
 
 @contextlib.contextmanager

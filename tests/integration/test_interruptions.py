@@ -20,11 +20,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from watched_process import WatchedProcess
 
 pytestmark = pytest.mark.slow
 
@@ -40,33 +40,10 @@ def kdpipe(*args: str, work: Path, teacher: Path, csv: Path) -> list[str]:
             "-S", "evaluate.latency_repeats=1", "-S", "evaluate.latency_warmup=0"]
 
 
-class Process:
+def process(cmd: list[str], cwd: Path) -> WatchedProcess:
     """A kdpipe command in its own session, its stderr collected as it comes."""
-
-    def __init__(self, cmd: list[str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True, env={**os.environ, "COLUMNS": "250"})
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr),
-                                       daemon=True)
-        self.reader.start()
-
-    def wait_for(self, condition, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.proc.poll() is None, f"ended early:\n{self.err}"
-            assert time.monotonic() < deadline, f"timed out waiting:\n{self.err}"
-            time.sleep(0.05)
-
-    def finish(self, timeout: float = 300) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=10)
-        return code
-
-    @property
-    def err(self) -> str:
-        return "".join(self.lines)
+    return WatchedProcess(cmd, cwd, {**os.environ, "COLUMNS": "250"}, stderr_only=True,
+                          new_session=True)
 
 
 def statuses(work: Path) -> dict[str, list[str]]:
@@ -94,23 +71,23 @@ def test_sigterm_mid_distill_then_a_mix_refused_then_a_resumed_rerun(tmp_path, t
                                                                      data):
     work = tmp_path / "work"
     cmd = kdpipe("run", work=work, teacher=tiny_bert, csv=data)
-    first = Process([*cmd, "-S", "distill.epochs=1"], tmp_path)  # quick: only its student
-    assert first.finish() == 0, first.err
+    first = process([*cmd, "-S", "distill.epochs=1"], tmp_path)  # quick: only its student
+    assert first.finish() == 0, first.output
     student = (work / "student" / "model.safetensors").read_bytes()
 
     # Another seed re-makes everything from the teacher on; SIGTERM lands in distill.
-    second = Process([*cmd, "-S", "seed=1"], tmp_path)
+    second = process([*cmd, "-S", "seed=1"], tmp_path)
     checkpoint = work / "checkpoints" / "distill" / "state.json"
     second.wait_for(checkpoint.is_file)
 
-    second.proc.send_signal(signal.SIGTERM)  # the process only, as `timeout` does
+    second.process.send_signal(signal.SIGTERM)  # the process only, as `timeout` does
     started = time.monotonic()
-    assert second.finish(timeout=60) == 128 + signal.SIGTERM
+    assert second.finish(limit_s=60) == 128 + signal.SIGTERM
     assert time.monotonic() - started < 30
-    last = second.err.strip().splitlines()[-1]
+    last = second.output.strip().splitlines()[-1]
     assert last.startswith("interrupted (SIGTERM) during distill; MLflow runs ended KILLED")
     assert "distill resumes from its checkpoint (epoch" in last, last
-    assert "Traceback" not in second.err
+    assert "Traceback" not in second.output
     runs = statuses(work)
     assert runs["distill"][-1] == "KILLED" and runs["pipeline"][-1] == "KILLED", runs
     assert runs["teacher"][-1] == "FINISHED"
@@ -128,9 +105,9 @@ def test_sigterm_mid_distill_then_a_mix_refused_then_a_resumed_rerun(tmp_path, t
         assert "\n" not in message and "mix of runs" in message, message
         assert "Traceback" not in done.stderr
 
-    third = Process([*cmd, "-S", "seed=1"], tmp_path)
-    assert third.finish() == 0, third.err
-    err = third.err
+    third = process([*cmd, "-S", "seed=1"], tmp_path)
+    assert third.finish() == 0, third.output
+    err = third.output
     for kept in ("ingest", "teacher", "baseline", "soft_labels", "fractionate"):
         assert f"✓ {kept}: up to date (made by `kdpipe run`" in err, (kept, err)
     assert "runs: its last run did not finish" in err
@@ -149,23 +126,25 @@ def test_sigterm_mid_distill_then_a_mix_refused_then_a_resumed_rerun(tmp_path, t
     again = subprocess.run(cmd + ["-S", "seed=1"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0 and "every step is up to date" in again.stderr
+    last_run = json.loads((work / "provenance" / "register.json").read_text())["pipeline_run_id"]
+    assert f"MLflow run {last_run}" in again.stdout  # the link to the run that made them
     assert sum(len(v) for v in statuses(work).values()) == before
 
 
 def test_a_second_run_is_refused_and_a_killed_runs_lock_taken_over(tmp_path, tiny_bert, data):
     work = tmp_path / "work"
     cmd = kdpipe("ingest", work=work, teacher=tiny_bert, csv=data)
-    victim = Process(kdpipe("run", work=work, teacher=tiny_bert, csv=data), tmp_path)
+    victim = process(kdpipe("run", work=work, teacher=tiny_bert, csv=data), tmp_path)
     victim.wait_for((work / ".kdpipe.lock").is_file)
     # A second run on the same work_dir stops at once, naming the first.
     rival = subprocess.run(kdpipe("run", work=work, teacher=tiny_bert, csv=data), cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert rival.returncode == 1
     line = rival.stderr.strip()
-    assert "\n" not in line and f"pid {victim.proc.pid}" in line and "is in use by" in line
-    assert victim.proc.poll() is None
-    os.killpg(victim.proc.pid, signal.SIGKILL)
-    victim.finish(timeout=30)
+    assert "\n" not in line and f"pid {victim.process.pid}" in line and "is in use by" in line
+    assert victim.process.poll() is None
+    os.killpg(victim.process.pid, signal.SIGKILL)
+    victim.finish(limit_s=30)
     assert (work / ".kdpipe.lock").is_file()  # nothing could remove it
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -186,13 +165,13 @@ def ingested(tmp_path_factory, tiny_bert, data) -> Path:
 def test_sighup_and_sigint_end_a_step_like_sigterm(tmp_path, tiny_bert, data, ingested, sig):
     work = tmp_path / "work"
     shutil.copytree(ingested, work)
-    step = Process([*kdpipe("teacher", work=work, teacher=tiny_bert, csv=data),
+    step = process([*kdpipe("teacher", work=work, teacher=tiny_bert, csv=data),
                     "-S", "teacher.epochs=50"], tmp_path)
     step.wait_for((work / "checkpoints" / "teacher" / "state.json").is_file)
-    step.proc.send_signal(sig)
-    assert step.finish(timeout=60) == 128 + sig
+    step.process.send_signal(sig)
+    assert step.finish(limit_s=60) == 128 + sig
     name = signal.Signals(sig).name
-    last = step.err.strip().splitlines()[-1]
+    last = step.output.strip().splitlines()[-1]
     assert last.startswith(f"interrupted ({name}) during teacher"), last
     assert "MLflow runs ended KILLED; `kdpipe teacher` again: teacher resumes from its " \
         "checkpoint (step" in last

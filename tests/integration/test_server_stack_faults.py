@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import server_stack
 from typer.testing import CliRunner
+from watched_process import WatchedProcess
 
 from kdpipe.cli import app
 
@@ -34,41 +33,13 @@ def settings(tiny_bert: Path, data: Path, work: Path, model: str, seed: int = 42
     return [arg for key, value in pairs.items() for arg in ("-S", f"{key}={value}")]
 
 
-class Kdpipe:
-    """``python -m kdpipe ARGS`` as a process of its own (as two users' runs are), its
-    output collected line by line so a test can act when a step starts."""
-
-    def __init__(self, args: list[str], uri: str, cwd: Path, **env: str) -> None:
-        full_env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
-                    "COLUMNS": "400", **env}  # no wrapped lines to search
-        for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            full_env.pop(name, None)  # the server holds the S3 credentials
-        self.lines: list[str] = []
-        self.process = subprocess.Popen([sys.executable, "-m", "kdpipe", *args], cwd=cwd,
-                                        env=full_env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, text: str, limit_s: float = 300) -> None:
-        deadline = time.monotonic() + limit_s
-        while not any(text in line for line in self.lines):
-            assert self.process.poll() is None, f"exited before {text!r}:\n{self.output}"
-            assert time.monotonic() < deadline, f"no {text!r} in {limit_s} s:\n{self.output}"
-            time.sleep(0.2)
-
-    def finish(self, limit_s: float = 600) -> int:
-        code = self.process.wait(timeout=limit_s)
-        self._reader.join(timeout=10)
-        return code
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
+def kdpipe(args: list[str], uri: str, cwd: Path, **env: str) -> WatchedProcess:
+    """``python -m kdpipe ARGS`` as a process of its own (as two users' runs are)."""
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+                "COLUMNS": "400", **env}  # no wrapped lines to search
+    for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        full_env.pop(name, None)  # the server holds the S3 credentials
+    return WatchedProcess([sys.executable, "-m", "kdpipe", *args], cwd, full_env)
 
 
 def record(work: Path) -> dict:
@@ -83,7 +54,7 @@ def test_two_runs_at_once_register_both_and_the_champion_is_the_gates_pick(
     import mlflow
 
     model = "race-student"
-    runs = [Kdpipe(["run", *settings(tiny_bert, separable_csv, tmp_path / f"w{seed}", model,
+    runs = [kdpipe(["run", *settings(tiny_bert, separable_csv, tmp_path / f"w{seed}", model,
                                      seed=seed)], stack.tracking_uri, tmp_path)
             for seed in (1, 2)]
     codes = [run.finish() for run in runs]
@@ -113,14 +84,14 @@ def test_the_server_restarting_mid_run_is_ridden_out_and_a_dead_one_is_one_line(
     model, work = "restart-student", tmp_path / "work"
     args = ["run", *settings(tiny_bert, separable_csv, work, model)]
 
-    first = Kdpipe(args, stack.tracking_uri, tmp_path)
+    first = kdpipe(args, stack.tracking_uri, tmp_path)
     first.wait_for("▶ distill")
     stack.restart_mlflow(down_s=2)
     assert first.finish() == 0, first.output
     assert record(work)["version"] == 1
 
     # --force: every step is up to date, and the server must stop while the teacher runs.
-    second = Kdpipe([*args, "--force"], stack.tracking_uri, tmp_path,
+    second = kdpipe([*args, "--force"], stack.tracking_uri, tmp_path,
                     MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
                     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     second.wait_for("▶ teacher")
@@ -136,7 +107,7 @@ def test_the_server_restarting_mid_run_is_ridden_out_and_a_dead_one_is_one_line(
     assert f"MLflow tracking store {stack.tracking_uri} failed during" in errors[0]
     assert "rerun" in errors[0]
 
-    third = Kdpipe(args, stack.tracking_uri, tmp_path)
+    third = kdpipe(args, stack.tracking_uri, tmp_path)
     assert third.finish() == 0, third.output
     again = record(work)
     assert again["version"] == 1 and "(already registered)" in third.output

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from kdpipe.atomic import atomic_dir, atomic_file, write_json
+from kdpipe.atomic import atomic_dir, atomic_file, read_json, write_json
 
 
 def test_atomic_dir_replaces_the_target_whole_on_success(tmp_path):
@@ -65,3 +65,12 @@ def test_leftovers_of_a_killed_writer_are_swept_but_a_live_writers_are_kept(tmp_
         (tmp / "f").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [".outer.tmp-1-x", live.name, "out"])
+
+
+def test_read_json_tells_a_missing_file_from_a_damaged_one(tmp_path):
+    path = tmp_path / "record.json"
+    assert read_json(path, "missing", "damaged") == "missing"
+    path.write_text('{"half": ', encoding="utf-8")  # what a killed writer could leave
+    assert read_json(path, "missing", "damaged") == "damaged"
+    write_json(path, {"whole": 1})
+    assert read_json(path, "missing", "damaged") == {"whole": 1}
