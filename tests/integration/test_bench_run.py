@@ -60,15 +60,19 @@ def test_targets_are_checked_against_their_thresholds():
 
 
 @pytest.mark.slow
-def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys):
+def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys, monkeypatch):
     data = _data(tmp_path / "mini")
     tiny = [f"teacher.checkpoint={tiny_bert}", "teacher.epochs=1", "student.embedding_dim=16",
             "distill.epochs=2", "distill.min_steps=0", "evaluate.latency_repeats=2",
-            "evaluate.latency_warmup=0", "ingest.max_length=32"]
+            "evaluate.latency_warmup=0", "ingest.max_length=32",
+            "tracking.enabled=false"]  # MLflow costs each stage seconds; tested elsewhere
     argv = ["--data", str(data), "--work", str(tmp_path / "work"), "--results",
             str(tmp_path / "results"), "--budget", "0.05"]
     for item in tiny:
         argv += ["-S", item]
+    # The re-run changes an evaluate setting: it exercises the same code as a distill change
+    # at fewer stages. (test_dvc.py checks what a distill change makes DVC re-run.)
+    monkeypatch.setattr(bench, "RERUN_CHANGE", ("evaluate", "ece_bins", 10))
     doc = bench.main(argv)
     saved = json.loads((tmp_path / "results" / "mini.json").read_text())
     assert saved["data"] == "mini" and list(saved["systems"]) == list(bench.SYSTEMS)
@@ -85,8 +89,10 @@ def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys):
                                           "evaluate", "register"]
     assert saved["scaling"]["1"]["train_rows"] == 240
     rerun = saved["rerun"]
-    # distill and prune read the distill settings; ingest always runs; the rest is skipped.
-    assert rerun["stages_changed"] == ["distill", "ingest", "prune", "register"]
+    # baseline, evaluate and register read the evaluate settings; ingest always runs; the
+    # rest is skipped.
+    assert rerun["stages_changed"] == ["baseline", "evaluate", "ingest", "register"]
+    assert rerun["change"] == "evaluate.ece_bins=10"
     assert rerun["seconds"] > 0
     assert set(saved["targets"]) >= {"int8_pct_of_teacher", "b32_vs_teacher_int8",
                                      "rerun_fraction_of_cold"}

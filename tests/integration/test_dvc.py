@@ -44,6 +44,8 @@ def _fresh_clone(tmp_path: Path, teacher: Path) -> Path:
     params["distill"]["epochs"] = 1
     params["distill"]["min_steps"] = 0
     params["evaluate"].update(latency_repeats=2, latency_warmup=0)
+    # No MLflow: it costs each stage's process seconds, and tracking is tested elsewhere.
+    params["tracking"]["enabled"] = False
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=clone)
     sh("git", "add", "-A", cwd=clone)
@@ -67,14 +69,25 @@ def test_dvc_repro_and_exp_run_in_a_fresh_clone(tmp_path, tiny_bert):
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=clone).stdout)["data"]
     assert {f"work/evaluation/plots/{name}.csv" for name in
             ("confusion_quantized", "reliability", "accuracy_latency")} <= set(plots)
-    # A distill setting changes: DVC reruns distill and what follows, not the teacher.
-    teacher_made = (clone / "work/teacher/model.safetensors").stat().st_mtime_ns
-    student_made = (clone / "work/student/model.safetensors").stat().st_mtime_ns
-    out = sh("dvc", "exp", "run", "-S", "distill.lr=0.001", cwd=clone).stdout
+    # A setting only register reads changes: `dvc exp run` re-runs register (and ingest,
+    # always) and skips the rest. (A distill change re-running what follows distill is
+    # bench/run.py's re-run, checked in test_bench_run.py.)
+    made = {name: (clone / "work" / name).stat().st_mtime_ns
+            for name in ("teacher/model.safetensors", "student/model.safetensors",
+                         "register/register.json")}
+    out = sh("dvc", "exp", "run", "-S", "registry.gate.max_regression=0.01", cwd=clone).stdout
     assert "Stage 'teacher' didn't change, skipping" in out
-    assert (clone / "work/teacher/model.safetensors").stat().st_mtime_ns == teacher_made
-    assert (clone / "work/student/model.safetensors").stat().st_mtime_ns != student_made
-    assert yaml.safe_load((clone / "params.yaml").read_text())["distill"]["lr"] == 0.001
+    assert "Running stage 'register'" in out and "Running stage 'distill'" not in out
+    now = {name: (clone / "work" / name).stat().st_mtime_ns for name in made}
+    assert [now[n] == made[n] for n in made] == [True, True, False]
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    assert params["registry"]["gate"]["max_regression"] == 0.01
+    # A distill setting changes: DVC would re-run distill and the stages reading distill's
+    # settings (what follows them re-runs on their changed outputs), not the teacher.
+    params["distill"]["lr"] = 0.001
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(sh("dvc", "status", "--json", cwd=clone).stdout)
+    assert sorted(status) == ["distill", "ingest", "prune", "register"]
 
 
 def test_raw_data_versioned_with_dvc_pushed_pulled_and_read_at_a_revision(

@@ -76,7 +76,7 @@ def test_two_runs_at_once_register_both_and_the_champion_is_the_gates_pick(
 def test_the_server_restarting_mid_run_is_ridden_out_and_a_dead_one_is_one_line(
         stack, tiny_bert, separable_csv, tmp_path):
     """The server restarts during distill: MLflow's bounded retries carry the run through.
-    Then it stops during the teacher step and stays down: the run ends with one line within the
+    Then it stops during the evaluate step and stays down: the run ends with one line within the
     (here shortened) retries. Once it is back, the next run completes and registers no
     second version of the same candidate."""
     import mlflow
@@ -90,11 +90,12 @@ def test_the_server_restarting_mid_run_is_ridden_out_and_a_dead_one_is_one_line(
     assert first.finish() == 0, first.output
     assert record(work)["version"] == 1
 
-    # --force: every step is up to date, and the server must stop while the teacher runs.
-    second = kdpipe([*args, "--force"], stack.tracking_uri, tmp_path,
+    # --from evaluate: every step is up to date; the server stops while evaluate runs (the
+    # last step before register, so the next run has little to redo).
+    second = kdpipe([*args, "--from", "evaluate"], stack.tracking_uri, tmp_path,
                     MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
                     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
-    second.wait_for("▶ teacher")
+    second.wait_for("▶ evaluate")
     server_stack.stop(stack.processes["mlflow"])
     stopped = time.monotonic()
     try:
