@@ -59,6 +59,41 @@ def test_targets_are_checked_against_their_thresholds():
     assert bench.check_targets(doc)["int8_pct_of_teacher"]["met"]
 
 
+def test_timing_rounds_take_turns_and_ratios_are_taken_round_by_round(monkeypatch):
+    """The systems are timed in turn, round after round; a slow spell of the machine (round
+    2 here, 3x slower) moves each system's rounds but not the round-by-round ratio."""
+    logits_calls: list[tuple[str, int]] = []
+    last: dict[str, float] = {}
+
+    class Fake:
+        def __init__(self, name: str, ms_per_text: float) -> None:
+            self.name, self.cost = name, ms_per_text / 1000
+
+        def logits(self, texts):
+            logits_calls.append((self.name, len(texts)))
+            last["seconds"] = self.cost * len(texts)
+
+        def tokenize(self, texts):
+            last["seconds"] = 1e-6
+
+    def fake_timed(call, budget, warmup=3, least=5, most=2000):
+        call()
+        round_index = (len(logits_calls) - 1) // (2 * len(bench.BATCHES))
+        return np.full(least, last["seconds"] * (3.0 if round_index == 2 else 1.0))
+
+    monkeypatch.setattr(bench, "timed", fake_timed)
+    models = {"teacher": Fake("teacher", 2.0), "student": Fake("student", 0.05)}
+    found = bench.timing_rounds(models, [f"text {i}" for i in range(300)], 1.0, rounds=4)
+    one_round = [(n, b) for n in ("teacher", "student") for b in bench.BATCHES]
+    assert logits_calls == one_round * 4
+    teacher, student = found["teacher"], found["student"]
+    assert teacher["throughput_b32_rounds"][2] == pytest.approx(
+        teacher["throughput_b32_rounds"][0] / 3)
+    assert teacher["throughput_b32"] == pytest.approx(500.0)  # the median ignores the spell
+    assert bench.round_ratio(student, teacher, "throughput_b32") == pytest.approx(40.0)
+    assert student["latency_b1_p50_ms"] == pytest.approx(0.05)
+
+
 @pytest.mark.slow
 def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys, monkeypatch):
     data = _data(tmp_path / "mini")
