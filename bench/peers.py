@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from baseline import best_logistic_regression
 
 from kdpipe.evaluation.metrics import accuracy_and_f1
 from kdpipe.evaluation.models import ModelUnderTest
@@ -208,7 +209,6 @@ def model2vec_peer(teacher_folder: Path, train_texts: list[str], train_labels: n
     "val_accuracy", "distill_seconds", "train_seconds"}``."""
     from model2vec.distill import distill
     from safetensors.numpy import save_file
-    from sklearn.linear_model import LogisticRegression
     from transformers import AutoConfig
 
     from kdpipe.models.teacher import quiet_transformers
@@ -221,15 +221,8 @@ def model2vec_peer(teacher_folder: Path, train_texts: list[str], train_labels: n
         static = distill(model_name=str(teacher_folder), pca_dims=pca_dims, device="cpu")
     distill_seconds = time.perf_counter() - start
     train_x, val_x = _embed(static, train_texts), _embed(static, val_texts)
-    best, best_acc = None, -1.0
-    for c in M2V_C:
-        fitted = LogisticRegression(C=c, max_iter=2000).fit(train_x, train_labels)
-        acc, _ = accuracy_and_f1(val_labels, fitted.predict(val_x))
-        if acc > best_acc:
-            best, best_acc = fitted, acc
-    assert best is not None
-    if len(best.classes_) != num_labels:
-        raise ValueError(f"train has {len(best.classes_)} classes, expected {num_labels}")
+    best, best_acc = best_logistic_regression(train_x, train_labels, val_x, val_labels,
+                                              num_labels, M2V_C)
     seconds = time.perf_counter() - start
     weight, bias = best.coef_.astype(np.float32), best.intercept_.astype(np.float32)
     if num_labels == 2:  # binary LR: p(1) = sigmoid(w.x + b) = softmax([0, w.x + b])[1]
