@@ -185,6 +185,18 @@ class BiLSTMConfig(Section):
     layers: int = Field(1, ge=1)
 
 
+class FastConfig(Section):
+    """The bag of token and hashed bigram embeddings (``kdpipe.models.bag``)."""
+
+    buckets: int = Field(
+        65536, ge=0, description="Rows of the hashed token-bigram table (0: no bigrams)."
+    )
+    hidden_size: int = Field(
+        128, ge=0, description="Units of the hidden layer after the mean (0: none, "
+        "fastText's linear model)."
+    )
+
+
 class TinyTransformerConfig(Section):
     teacher_layers: list[int] | None = Field(
         None, description="Teacher layers copied into the student, e.g. [0, 2, 4]; "
@@ -195,10 +207,10 @@ class TinyTransformerConfig(Section):
 class StudentConfig(Section):
     # The BiLSTM: the most accurate student within the speed targets on SST-2; on AG News's
     # longer texts the TextCNN was better (docs/decisions.md#the-bilstm-student).
-    arch: Literal["textcnn", "bilstm", "transformer"] = "bilstm"
+    arch: Literal["textcnn", "bilstm", "transformer", "fast"] = "bilstm"
     embedding_dim: int = Field(
-        128, ge=8, description="Word-embedding width (textcnn, bilstm); the transformer "
-        "keeps the teacher's width."
+        128, ge=8, description="Word-embedding width (textcnn, bilstm, fast); the "
+        "transformer keeps the teacher's width."
     )
     init_from_teacher: bool = Field(
         True, description="Start word embeddings from the teacher's (projected by PCA "
@@ -214,6 +226,7 @@ class StudentConfig(Section):
     dropout: float = Field(0.2, ge=0, lt=1)
     textcnn: TextCNNConfig = TextCNNConfig()
     bilstm: BiLSTMConfig = BiLSTMConfig()
+    fast: FastConfig = FastConfig()
     transformer: TinyTransformerConfig = TinyTransformerConfig()
 
 

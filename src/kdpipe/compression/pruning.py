@@ -82,9 +82,9 @@ class PrunedStudent(nn.Module):
         return self.student.feature_dim
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> StudentOutput:
-        if self.vocab_remap is not None:
-            input_ids = self.vocab_remap[input_ids]
-        return self.student(input_ids, attention_mask)
+        if self.vocab_remap is None:
+            return self.student(input_ids, attention_mask)
+        return self.student.forward_ids(self.vocab_remap[input_ids], input_ids, attention_mask)
 
 
 # ---------------------------------------------------------------- vocabulary

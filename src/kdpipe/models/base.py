@@ -10,7 +10,7 @@ and returns a ``StudentOutput``. The class attribute ``arch`` is its name in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -79,6 +79,20 @@ class Student(nn.Module):
         vocabulary size and pad id are the caller's to set: a restricted embedding keeps
         them."""
         self.embedding = embedding
+
+    def forward_ids(self, input_ids: Tensor, original_ids: Tensor,
+                    attention_mask: Tensor) -> StudentOutput:
+        """``forward`` behind a pruned vocabulary: ``input_ids`` renumbered for the shrunk
+        word embedding, ``original_ids`` as the tokenizer gave them, for a student that
+        reads more than its word rows from them (the fast student hashes its bigrams)."""
+        return self(input_ids, attention_mask)
+
+    def row_tables(self, token_ids: Iterable[Sequence[int]]) -> dict[str, Any]:
+        """Each embedding table of the student (attribute name) and the rows each text of
+        ``token_ids`` reads from it: distill trains only rows that are read
+        (``kdpipe.training.trained_rows``). By default the word embedding alone, named
+        ``"embedding"`` (``get_input_embeddings``)."""
+        return {"embedding": token_ids}
 
     # ---- structured pruning
 

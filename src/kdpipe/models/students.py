@@ -23,6 +23,7 @@ from torch import nn
 from kdpipe.atomic import atomic_dir
 from kdpipe.config import StudentConfig
 from kdpipe.errors import KdpipeError
+from kdpipe.models.bag import BagOfNgrams
 from kdpipe.models.base import Student
 from kdpipe.models.bilstm import BiLSTM
 from kdpipe.models.textcnn import TextCNN
@@ -36,7 +37,7 @@ LoadWeights = Callable[[nn.Module, Path], None]
 
 
 STUDENTS: dict[str, type[Student]] = {
-    cls.arch: cls for cls in (TextCNN, BiLSTM, TinyTransformer)}
+    cls.arch: cls for cls in (TextCNN, BiLSTM, TinyTransformer, BagOfNgrams)}
 
 
 def build_student(cfg: StudentConfig, num_labels: int, teacher_dir: Path, pad_id: int,

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from kdpipe.models.base import Student
 
+WORDS = "embedding"  # Student.row_tables' name for the word embedding
+
 
 class RowSubsetEmbedding(nn.Module):
     """``embedding`` with only the rows of ``trained`` ids as a parameter (``weight``); the
@@ -65,15 +67,31 @@ def reachable_ids(token_ids: Iterable[Sequence[int]], padding_idx: int | None) -
 
 
 def restrict(student: Student, token_ids: Iterable[Sequence[int]]) -> None:
-    """Make only the rows of the ids in ``token_ids`` trainable in ``student``'s embedding."""
-    embedding = student.get_input_embeddings()
-    student.set_input_embeddings(RowSubsetEmbedding(  # type: ignore[arg-type]
-        embedding, reachable_ids(token_ids, embedding.padding_idx)))
+    """Make only the rows that the texts ``token_ids`` read trainable, in each of
+    ``student``'s embedding tables (``Student.row_tables``: the word embedding, and the
+    fast student's bigram table)."""
+    for name, rows in student.row_tables(token_ids).items():
+        embedding = _table(student, name)
+        _set_table(student, name, RowSubsetEmbedding(
+            embedding, reachable_ids(rows, embedding.padding_idx)))
 
 
 def merge(student: Student) -> Student:
-    """``student`` with a plain embedding again (in place; returned for chaining)."""
-    embedding = student.get_input_embeddings()
-    if isinstance(embedding, RowSubsetEmbedding):
-        student.set_input_embeddings(embedding.merged())
+    """``student`` with plain embeddings again (in place; returned for chaining)."""
+    for name in student.row_tables([]):
+        embedding = _table(student, name)
+        if isinstance(embedding, RowSubsetEmbedding):
+            _set_table(student, name, embedding.merged())
     return student
+
+
+def _table(student: Student, name: str) -> nn.Module:
+    # The word embedding through the student's accessor: the transformer's sits inside BERT.
+    return student.get_input_embeddings() if name == WORDS else getattr(student, name)
+
+
+def _set_table(student: Student, name: str, table: nn.Module) -> None:
+    if name == WORDS:
+        student.set_input_embeddings(table)  # type: ignore[arg-type]
+    else:
+        setattr(student, name, table)

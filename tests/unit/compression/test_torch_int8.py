@@ -20,10 +20,12 @@ SMALL = {
     "textcnn": {"embedding_dim": 16, "textcnn": {"filter_sizes": [2, 3], "num_filters": 8}},
     "bilstm": {"embedding_dim": 16, "bilstm": {"hidden_size": 8, "layers": 2}},
     "transformer": {"transformer": {"teacher_layers": [0, 1]}},
+    "fast": {"embedding_dim": 16, "fast": {"buckets": 32, "hidden_size": 8}},
 }
 # What quantize_dynamic turns int8 in each student (Embedding and Conv1d stay float).
+# transformer: None, every Linear of the BERT layers, pooler and head.
 INT8_LAYERS = {"textcnn": ["classifier"], "bilstm": ["classifier", "lstm"],
-               "transformer": None}  # every Linear of the BERT layers, pooler and head
+               "transformer": None, "fast": ["classifier", "hidden"]}
 TRAIN = ["good movie", "the film was awful", "bad"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,7 +55,7 @@ def logits(model, tokenizer, texts):
         return LogitsOnly(model)(batch["input_ids"], batch["attention_mask"])
 
 
-@pytest.mark.parametrize("arch", ["textcnn", "bilstm", "transformer"])
+@pytest.mark.parametrize("arch", ["textcnn", "bilstm", "transformer", "fast"])
 def test_int8_student_reloads_exactly_and_stays_close(arch, tiny_bert, tiny_tokenizer,
                                                       tmp_path):
     source = pruned_folder(arch, tiny_bert, tiny_tokenizer, tmp_path / "pruned")

@@ -27,11 +27,12 @@ from kdpipe.models.students import (
 )
 from kdpipe.models.teacher_vectors import pca_project, teacher_token_vectors
 
-ARCHS = ["textcnn", "bilstm", "transformer"]
+ARCHS = ["textcnn", "bilstm", "transformer", "fast"]
 SMALL = {  # widest filter 4 > the 3 tokens of "[CLS] good [SEP]": the short-text path runs
     "textcnn": {"embedding_dim": 16, "textcnn": {"filter_sizes": [2, 4], "num_filters": 8}},
     "bilstm": {"embedding_dim": 16, "bilstm": {"hidden_size": 12}},
     "transformer": {},
+    "fast": {"embedding_dim": 16, "fast": {"buckets": 64, "hidden_size": 8}},
 }
 TEXTS = ["good", "the movie was really awful", "it is fine but the food was dull so sad"]
 
@@ -105,7 +106,9 @@ def test_a_few_steps_lower_the_loss(arch, tiny_bert, tokenizer):
 
     before = eval_loss()
     model.train()
-    for _ in range(8):
+    # The fast student averages a text's ~20 token and bigram rows, so the one word that
+    # decides the label moves the mean slowly: it needs more steps at this rate.
+    for _ in range(24 if arch == "fast" else 8):
         optimizer.zero_grad()
         F.cross_entropy(model(ids, mask).logits, labels).backward()
         optimizer.step()

@@ -50,7 +50,7 @@ def student_probabilities(student_dir, predictor, texts):
     return torch.cat(rows).numpy()
 
 
-@pytest.mark.parametrize("arch", ["textcnn", "bilstm", "transformer"])
+@pytest.mark.parametrize("arch", ["textcnn", "bilstm", "transformer", "fast"])
 def test_probabilities_match_the_pytorch_student(folders, arch):
     student, exported = folders[arch]
     predictor = Predictor(exported, threads=1, batch_size=2)  # several padded batches

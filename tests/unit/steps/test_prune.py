@@ -21,11 +21,12 @@ from kdpipe.errors import KdpipeError
 from kdpipe.models.students import build_student, count_parameters, load_student, save_student
 from kdpipe.steps import ingest, prune, soft_labels
 
-ARCHS = ["textcnn", "bilstm", "transformer"]
+ARCHS = ["textcnn", "bilstm", "transformer", "fast"]
 SMALL = {
     "textcnn": {"embedding_dim": 16, "textcnn": {"filter_sizes": [2, 3], "num_filters": 8}},
     "bilstm": {"embedding_dim": 16, "bilstm": {"hidden_size": 8, "layers": 2}},
     "transformer": {"transformer": {"teacher_layers": [0, 1]}},  # 2 layers, 2 heads, FFN 64
+    "fast": {"embedding_dim": 16, "fast": {"buckets": 32, "hidden_size": 8}},
 }
 TRAIN = ["good movie", "the film was awful", "bad"]
 KEPT_ONLY = ["good film", "the movie was bad", "awful good the"]  # only words of TRAIN
@@ -44,6 +45,15 @@ def make(arch: str, teacher: Path, tokenizer) -> pruning.PrunedStudent:
     cfg = StudentConfig.model_validate({"arch": arch, **SMALL[arch]})
     student = build_student(cfg, 2, teacher, tokenizer.pad_token_id, len(tokenizer))
     return pruning.PrunedStudent(student).eval()
+
+
+def words_only(model: pruning.PrunedStudent) -> None:
+    """Zero the fast student's bigram rows. Its bigrams hash the tokenizer's own ids, so a
+    cut word keeps its bigrams' rows ("good nasty" is not "good [UNK]"): with them zero,
+    the checks that a cut word reads as another word's row apply to it too."""
+    if model.arch == "fast":
+        with torch.no_grad():
+            model.student.bigrams.weight.zero_()
 
 
 def run_on(model, tokenizer, texts: list[str]):
@@ -76,6 +86,8 @@ def test_vocabulary_pruning_keeps_outputs_and_maps_unseen_ids_to_unk(arch, tiny_
                                                                     tokenizer):
     model = make(arch, tiny_bert, tokenizer)
     original = make(arch, tiny_bert, tokenizer)
+    for m in (model, original):
+        words_only(m)
     before = pruning.parameter_counts(model)
     kept = kept_for(tokenizer, TRAIN)
     pruning.prune_vocabulary(model, kept, tokenizer.unk_token_id)
@@ -105,6 +117,8 @@ def test_vocabulary_pruning_keeps_outputs_and_maps_unseen_ids_to_unk(arch, tiny_
 def test_unseen_ids_read_their_nearest_kept_word(arch, tiny_bert, tokenizer):
     model = make(arch, tiny_bert, tokenizer)
     original = make(arch, tiny_bert, tokenizer)
+    for m in (model, original):
+        words_only(m)
     nasty, bad, awful = tokenizer.convert_tokens_to_ids(["nasty", "bad", "awful"])
     for m in (model, original):  # "nasty" points the way "bad" does, "awful" the other way
         weight = m.student.get_input_embeddings().weight
@@ -256,12 +270,27 @@ def _shapes_transformer(student):
     assert student.student_record["bert_config"]["intermediate_size"] == 32
 
 
-KILL = {"textcnn": _kill_textcnn, "bilstm": _kill_bilstm, "transformer": _kill_transformer}
+def _kill_fast(student):
+    """Odd hidden units: weak inputs, zero classifier columns."""
+    student.hidden.weight[1::2] *= 1e-3
+    student.classifier.weight[:, 1::2] = 0
+
+
+def _shapes_fast(student):
+    assert student.hidden.weight.shape == (4, 16)
+    assert student.classifier.weight.shape == (2, 4)
+    assert student.bigrams.weight.shape == (32, 16)  # the hashed table is not pruned
+    assert student.student_record["student"]["fast"]["hidden_size"] == 4
+
+
+KILL = {"textcnn": _kill_textcnn, "bilstm": _kill_bilstm, "transformer": _kill_transformer,
+        "fast": _kill_fast}
 SHAPES = {"textcnn": _shapes_textcnn, "bilstm": _shapes_bilstm,
-          "transformer": _shapes_transformer}
+          "transformer": _shapes_transformer, "fast": _shapes_fast}
 SIZES_AFTER = {"textcnn": {"filter_sizes": [2, 3], "num_filters": 4},
                "bilstm": {"hidden_size": 4, "layers": 2},
-               "transformer": {"heads_per_layer": [1, 1], "intermediate_per_layer": [32, 32]}}
+               "transformer": {"heads_per_layer": [1, 1], "intermediate_per_layer": [32, 32]},
+               "fast": {"hidden_size": 4, "buckets": 32}}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

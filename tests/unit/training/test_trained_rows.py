@@ -14,9 +14,10 @@ from kdpipe.models.teacher import load_tokenizer
 from kdpipe.steps import distill
 from kdpipe.training import trained_rows
 
-ARCHS = ["textcnn", "bilstm", "transformer"]
+ARCHS = ["textcnn", "bilstm", "transformer", "fast"]
 SMALL = {"embedding_dim": 16, "textcnn": {"filter_sizes": [2, 3], "num_filters": 8},
-         "bilstm": {"hidden_size": 8}, "transformer": {"teacher_layers": [0]}}
+         "bilstm": {"hidden_size": 8}, "transformer": {"teacher_layers": [0]},
+         "fast": {"buckets": 32, "hidden_size": 8}}
 
 
 def _student(arch, tiny_bert, tokenizer):
