@@ -9,8 +9,9 @@ and how that compares with what a user could do instead.
    params.yaml = this checkout's + the benchmark settings (BENCH_SETTINGS) + ``-S``
    overrides, MLflow in a SQLite file there, the soft-label cache empty.
 2. Trains the same student on hard labels only (``distill.hard_label_epochs`` = all epochs),
-   fits TF-IDF + logistic regression (bench/baseline.py) and the peers a user would weigh
-   instead (bench/peers.py): fastText, quantized, and Model2Vec distilled from the teacher.
+   distils the fast student (``FAST_SETTINGS``) and exports it, fits TF-IDF + logistic
+   regression (bench/baseline.py) and the peers a user would weigh instead (bench/peers.py):
+   fastText, quantized, and Model2Vec distilled from the teacher.
 3. Scores and times every system in this one process, on the same validation and test
    texts, with ``--threads`` threads (PyTorch and ONNX Runtime alike; fastText trains on
    them and predicts on one): accuracy and macro-F1, batch-1 latency p50/p95 (tokenization
@@ -18,8 +19,9 @@ and how that compares with what a user could do instead.
 4. Re-runs ``dvc repro`` after changing one distill parameter (what DVC and the soft-label
    cache skip), and with ``--scaling`` runs the pipeline cold on those fractions of train.
 
-Prints markdown tables, checks the targets of issues #8 and #34, saves an accuracy-vs-latency
-plot and writes ``bench/results/<data folder name>.json`` (shape in ``results_doc``).
+Prints markdown tables, checks the targets of issue #34 (``check_targets``), saves an
+accuracy-vs-latency plot and writes ``bench/results/<data folder name>.json`` (shape in
+``results_doc``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ STEPS_FILE = "bench_steps.json"  # a fresh project's step seconds, kept for --re
 RERUN_CHANGE = ("distill", "temperature", 3.0)  # the one parameter changed for the re-run
 BATCHES = (1, 32, 256)
 SYSTEMS = ("teacher_fp32", "teacher_int8", "tfidf_lr", "fasttext", "model2vec", "student_hard",
-           "student_kd", "student_pruned", "student_int8")
+           "student_kd", "student_pruned", "student_int8", "student_fast")
+# The fast student (student.arch fast), distilled from the same soft labels and transfer set
+# as the default student and served from its exported ONNX graph.
+FAST_SETTINGS = ["student.arch=fast"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -222,7 +227,7 @@ def train_baselines(project: Path, root: Path, threads: int = 1) -> dict:
     (from the pipeline's fine-tuned teacher); their folders, training seconds and the
     hyper-parameters picked on validation."""
     from kdpipe.data.prepare import read_labels, read_split
-    from kdpipe.steps import distill
+    from kdpipe.steps import distill, export
 
     cfg = project_config(project)
     cfg = project_config(project, f"distill.hard_label_epochs={cfg.distill.epochs}")
@@ -231,6 +236,12 @@ def train_baselines(project: Path, root: Path, threads: int = 1) -> dict:
     distill.run(cfg, paths.prepared, paths.soft_labels, paths.fractions, paths.teacher,
                 root / "student_hard")
     hard_seconds = round(time.perf_counter() - start, 1)
+    fast = project_config(project, *FAST_SETTINGS)
+    start = time.perf_counter()
+    distill.run(fast, paths.prepared, paths.soft_labels, paths.fractions, paths.teacher,
+                root / "student_fast")
+    fast_seconds = round(time.perf_counter() - start, 1)
+    export.run(fast, root / "student_fast", paths.prepared, root / "student_fast_onnx")
     train = read_split(paths.prepared / "train.parquet")
     val = read_split(paths.prepared / "validation.parquet")
     split = (train.texts, np.asarray(train.labels), val.texts, np.asarray(val.labels),
@@ -242,6 +253,7 @@ def train_baselines(project: Path, root: Path, threads: int = 1) -> dict:
           f"{ft['train_seconds']:.0f} s; model2vec: {m2v['pca_dims']} dims, C {m2v['C']:g}, "
           f"{m2v['train_seconds']:.0f} s", flush=True)
     return {"student_hard": {"folder": root / "student_hard", "train_seconds": hard_seconds},
+            "student_fast": {"folder": root / "student_fast_onnx", "train_seconds": fast_seconds},
             "tfidf_lr": {"model": tfidf, "train_seconds": info["fit_seconds"], "C": info["C"]},
             "fasttext": {"folder": root / "fasttext", **ft},
             "model2vec": {"folder": root / "model2vec", **m2v}}
@@ -262,6 +274,8 @@ def open_system(name: str, project: Path, extra: dict, threads: int, tokenizer: 
         return open_fasttext(extra["fasttext"]["folder"])
     if name == "model2vec":
         return open_model2vec(extra["model2vec"]["folder"])
+    if name == "student_fast":
+        return models.onnx_folder(name, extra["student_fast"]["folder"], threads, batch)
     folder = {"student_hard": extra["student_hard"]["folder"], "student_kd": paths.student,
               "student_pruned": paths.pruned, "student_int8": paths.quantized}[name]
     if name == "student_int8":
@@ -405,7 +419,8 @@ def results_doc(name: str, project: Path, systems: dict, extra: dict, cold: dict
     return {
         "data": name, "machine": machine(), "threads": args.threads,
         "settings": {"bench": BENCH_SETTINGS, "overrides": args.overrides,
-                     "student": cfg.student.arch, "tfidf_C": extra["tfidf_lr"]["C"],
+                     "student": cfg.student.arch, "fast_student": FAST_SETTINGS,
+                     "tfidf_C": extra["tfidf_lr"]["C"],
                      "fasttext": {k: extra["fasttext"][k] for k in
                                   ("hyperparameters", "quantized", "bucket", "cutoff")},
                      "model2vec": {k: extra["model2vec"][k] for k in ("pca_dims", "C")}},
@@ -418,26 +433,44 @@ def results_doc(name: str, project: Path, systems: dict, extra: dict, cold: dict
     }
 
 
+# Issue #34's targets per data set; a data set not named (an extra split) has only the
+# accuracy and re-run ones.
+BENCH_SETS = ("sst2", "ag_news")
+PCT_OF_TEACHER = {"sst2": 99.0, "ag_news": 99.0}  # else 97
+POINTS_OVER_FASTTEXT = {"sst2": 5.0}  # else 2
+FAST_POINTS_OVER_FASTTEXT = {"sst2": 3.0, "ag_news": 0.0}
+B1_P50_MS = {"sst2": 0.2, "ag_news": 0.3}
+COLD_MINUTES = {"sst2": 45.0, "ag_news": 30.0}
+
+
 def check_targets(doc: dict[str, Any]) -> dict[str, dict]:
-    """Issue #8's targets, and #34's lead over fastText where the run has it, against this
-    run: ``{name: {"value", "target", "met"}}``."""
-    s, teacher = doc["systems"], doc["teacher"]
+    """Issue #34's targets (and #8's size and TF-IDF ones, still claimed), where the run has
+    what they measure: ``{name: {"value", "target", "met"}}``."""
+    s, teacher, data = doc["systems"], doc["teacher"], doc["data"]
     int8 = s["student_int8"]
-    keep = 97.0 if doc["data"] == "ag_news" else 98.0
     checks = {
-        "int8_pct_of_teacher": (int8["pct_of_teacher"], keep, ">="),
-        "b32_vs_teacher_int8": (round_ratio(int8, s["teacher_int8"], "throughput_b32"),
-                                25.0, ">="),
-        "b1_p50_ms": (int8["latency_b1_p50_ms"], 0.3, "<="),
+        "int8_pct_of_teacher": (int8["pct_of_teacher"], PCT_OF_TEACHER.get(data, 97.0), ">="),
         "teacher_onnx_over_folder": (teacher["onnx_fp32_bytes"] / int8["size_bytes"], 25.0,
                                      ">="),
         "points_over_tfidf": (100 * (int8["accuracy"] - s["tfidf_lr"]["accuracy"]), 5.0, ">="),
     }
-    if "fasttext" in s:  # issue #34: 5 points on SST-2, 2 on the others
+    if data in BENCH_SETS:
+        checks["b32_vs_teacher_int8"] = (
+            round_ratio(int8, s["teacher_int8"], "throughput_b32"), 40.0, ">=")
+        checks["b1_p50_ms"] = (int8["latency_b1_p50_ms"], B1_P50_MS[data], "<=")
+    if "fasttext" in s:
         checks["points_over_fasttext"] = (100 * (int8["accuracy"] - s["fasttext"]["accuracy"]),
-                                          5.0 if doc["data"] == "sst2" else 2.0, ">=")
-    if doc.get("cold"):
-        checks["cold_minutes"] = (doc["total_seconds"] / 60, 60.0, "<=")
+                                          POINTS_OVER_FASTTEXT.get(data, 2.0), ">=")
+    if "student_fast" in s and data in BENCH_SETS:
+        fast = s["student_fast"]
+        checks["fast_b1_p50_ms"] = (fast["latency_b1_p50_ms"], 0.05, "<=")
+        checks["fast_b32_texts_per_s"] = (fast["throughput_b32"], 40_000.0, ">=")
+        if "fasttext" in s:
+            checks["fast_points_over_fasttext"] = (
+                100 * (fast["accuracy"] - s["fasttext"]["accuracy"]),
+                FAST_POINTS_OVER_FASTTEXT[data], ">=")
+    if doc.get("cold") and data in BENCH_SETS:
+        checks["cold_minutes"] = (doc["total_seconds"] / 60, COLD_MINUTES[data], "<=")
     if "rerun" in doc:
         checks["rerun_fraction_of_cold"] = (doc["rerun"]["fraction_of_cold"], 0.15, "<=")
     return {k: {"value": round(v, 3), "target": f"{op} {t:g}",

@@ -43,20 +43,35 @@ def test_subset_keeps_the_fraction_and_the_other_splits(tmp_path):
 
 
 def test_targets_are_checked_against_their_thresholds():
-    systems = {"student_int8": {"pct_of_teacher": 98.5, "throughput_b32": 2000,
-                                "latency_b1_p50_ms": 0.4, "size_bytes": 1_000, "accuracy": 0.9},
-               "teacher_int8": {"throughput_b32": 100}, "tfidf_lr": {"accuracy": 0.86}}
+    systems = {"student_int8": {"pct_of_teacher": 99.5, "throughput_b32": 3000,
+                                "latency_b1_p50_ms": 0.25, "size_bytes": 1_000, "accuracy": 0.9},
+               "teacher_int8": {"throughput_b32": 100}, "tfidf_lr": {"accuracy": 0.86},
+               "fasttext": {"accuracy": 0.84},
+               "student_fast": {"latency_b1_p50_ms": 0.04, "throughput_b32": 39_000,
+                                "accuracy": 0.875}}
     doc = {"data": "sst2", "systems": systems, "teacher": {"onnx_fp32_bytes": 30_000},
-           "cold": True, "total_seconds": 3000, "rerun": {"fraction_of_cold": 0.2}}
+           "cold": True, "total_seconds": 2000, "rerun": {"fraction_of_cold": 0.2}}
     targets = bench.check_targets(doc)
     assert {k: t["met"] for k, t in targets.items()} == {
-        "int8_pct_of_teacher": True, "b32_vs_teacher_int8": False, "b1_p50_ms": False,
-        "teacher_onnx_over_folder": True, "points_over_tfidf": False, "cold_minutes": True,
+        "int8_pct_of_teacher": True, "teacher_onnx_over_folder": True,
+        "points_over_tfidf": False, "b32_vs_teacher_int8": False, "b1_p50_ms": False,
+        "points_over_fasttext": True, "fast_b1_p50_ms": True, "fast_b32_texts_per_s": False,
+        "fast_points_over_fasttext": True, "cold_minutes": True,
         "rerun_fraction_of_cold": False}
-    assert targets["b32_vs_teacher_int8"]["value"] == 20.0
+    assert targets["b32_vs_teacher_int8"]["value"] == 30.0
+    assert targets["fast_points_over_fasttext"]["value"] == 3.5
+    # AG News: a 0.3 ms batch-1 bound, no lead over fastText asked of the fast student.
     doc["data"] = "ag_news"
+    systems["student_fast"]["accuracy"] = 0.84
+    targets = bench.check_targets(doc)
+    assert targets["b1_p50_ms"]["met"] and targets["fast_points_over_fasttext"]["met"]
+    assert targets["points_over_fasttext"]["target"] == ">= 2"
+    # An extra split: 97% of the teacher, and no speed or cold-run targets.
+    doc["data"] = "ag_news_1k"
     systems["student_int8"]["pct_of_teacher"] = 97.2
-    assert bench.check_targets(doc)["int8_pct_of_teacher"]["met"]
+    targets = bench.check_targets(doc)
+    assert targets["int8_pct_of_teacher"]["met"]
+    assert not {"b32_vs_teacher_int8", "fast_b1_p50_ms", "cold_minutes"} & set(targets)
 
 
 def test_timing_rounds_take_turns_and_ratios_are_taken_round_by_round(monkeypatch):
@@ -129,8 +144,11 @@ def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys, monkeypatch):
     assert rerun["stages_changed"] == ["baseline", "evaluate", "ingest", "register"]
     assert rerun["change"] == "evaluate.ece_bins=10"
     assert rerun["seconds"] > 0
-    assert set(saved["targets"]) >= {"int8_pct_of_teacher", "b32_vs_teacher_int8",
+    assert set(saved["targets"]) >= {"int8_pct_of_teacher", "points_over_fasttext",
                                      "rerun_fraction_of_cold"}
+    # The fast student: distilled from the same soft labels, served from its ONNX graph.
+    fast = json.loads((tmp_path / "work" / "mini" / "student_fast" / "student.json").read_text())
+    assert fast["arch"] == "fast" and saved["settings"]["fast_student"] == bench.FAST_SETTINGS
     assert doc["targets"] == saved["targets"]
     assert (tmp_path / "results" / "mini.png").stat().st_size > 1000
     assert "| student_int8 |" in capsys.readouterr().out

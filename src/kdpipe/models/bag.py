@@ -115,3 +115,23 @@ class BagOfNgrams(Student):
     def sizes(self) -> dict[str, Any]:
         return {"hidden_size": self.hidden.out_features if self.hidden is not None else 0,
                 "buckets": self.bigrams.num_embeddings if self.bigrams is not None else 0}
+
+
+def serving_tables(model: nn.Module) -> dict[str, Any]:
+    """What ``kdpipe.serving.bag_numpy`` serves, as float32 numpy arrays, from a fast student
+    or a pruned one (``PrunedStudent``): the word row of every tokenizer id (a pruned
+    vocabulary's renumbering and low-rank rows applied), the bigram table and the layers."""
+    remap = getattr(model, "vocab_remap", None)
+    student: BagOfNgrams = getattr(model, "student", model)
+    embedding = student.get_input_embeddings()
+    ids = torch.arange(embedding.num_embeddings if remap is None else remap.numel())
+    with torch.no_grad():
+        tables = {"words": embedding(ids if remap is None else remap[ids])}
+        if student.bigrams is not None:
+            tables["bigrams"] = student.bigrams.weight
+        layers = {"classifier": student.classifier}
+        if student.hidden is not None:
+            layers["hidden"] = student.hidden
+        for name, layer in layers.items():
+            tables[f"{name}.weight"], tables[f"{name}.bias"] = layer.weight, layer.bias
+        return {name: t.detach().float().contiguous().numpy() for name, t in tables.items()}

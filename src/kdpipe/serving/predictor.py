@@ -12,7 +12,8 @@ nor the training folders: copy it anywhere and point a Predictor at it::
 
 A quantize output made with ``quantize.method=torch_dynamic`` holds a ``torch`` folder (an
 int8 PyTorch student, ``kdpipe.compression.torch_int8``) instead of ``model.onnx``; the
-Predictor runs it with PyTorch, the rest is the same.
+Predictor runs it with PyTorch, the rest is the same. The fast student's export folder also
+holds ``bag.safetensors``, its tables, which the Predictor serves with numpy.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from kdpipe.errors import KdpipeError
+from kdpipe.serving.bag_numpy import BAG_FILE, BagSession
 from kdpipe.serving.ort import ort_session
 from kdpipe.serving.padding import pad_ids
 from kdpipe.serving.word_cache import WordCache
@@ -76,6 +78,9 @@ class Predictor:
     per core). The session is fed only the inputs the graph declares (students take
     ``input_ids`` and ``attention_mask``; a BERT export may also take ``token_type_ids``).
 
+    ``numpy_bag``: serve a fast student's folder (one with ``bag.safetensors``) with numpy
+    (``kdpipe.serving.bag_numpy``) rather than its ONNX graph.
+
     Texts are tokenized as in training: special tokens added, cut to ``max_length`` tokens,
     padded on the right within each batch. ``logits`` (and so ``predict``) runs texts of
     similar token length together (``length_groups``), so a call of many texts computes
@@ -83,7 +88,7 @@ class Predictor:
     """
 
     def __init__(self, folder: Path, threads: int | None = None,
-                 batch_size: int = BATCH_SIZE) -> None:
+                 batch_size: int = BATCH_SIZE, numpy_bag: bool = True) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise KdpipeError(f"{folder}: no such folder; expected an exported model "
@@ -120,6 +125,14 @@ class Predictor:
         # token_type_ids).
         self.words = (WordCache.wrap(self.backend) if self.backend is not None
                       and set(self.inputs) <= {"input_ids", "attention_mask"} else None)
+        # The fast student's tables (export writes them beside its graph): served by numpy,
+        # unpadded, where the tokenizer has a fast backend (``numpy_bag=False``: the graph).
+        bag = folder / BAG_FILE
+        self.bag = (BagSession(bag) if numpy_bag and self.backend is not None
+                    and bag.is_file() else None)
+        if self.bag is not None and self.bag.num_labels != len(self.labels):
+            raise KdpipeError(f"{bag}: gives {self.bag.num_labels} logits per text but "
+                              f"{folder / LABELS_FILE} names {len(self.labels)} labels")
         self._padding = {"direction": "right", "pad_id": self.tokenizer.pad_token_id,
                          "pad_type_id": self.tokenizer.pad_token_type_id,
                          "pad_token": self.tokenizer.pad_token}
@@ -141,6 +154,9 @@ class Predictor:
     def logits(self, texts: str | Iterable[str]) -> np.ndarray:
         """Raw model outputs (n, C) float32, rows in input order."""
         items = as_texts(texts)
+        if self.bag is not None:
+            return self.bag.logits([e if isinstance(e, list) else e.ids
+                                    for e in self._encodings(items)])
         if self.backend is None or len(items) == 1:
             outputs = [self.run(feed) for feed in self.encode(items)]
             if not outputs:

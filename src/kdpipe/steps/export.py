@@ -19,6 +19,8 @@ whose module maps the tokenizer's ids through its ``vocab_remap`` buffer first) 
 - the tokenizer files, ``labels.json``;
 - ``export.json``: how the file was made (opset, optimisation, max_length, size, versions),
   the parity report, and the TensorRT status;
+- ``bag.safetensors``, for the fast student only: its tables, which the Predictor serves with
+  numpy (``kdpipe.serving.bag_numpy``; its parity is checked too, ``numpy_parity``);
 - ``model.plan``: a TensorRT engine, only where TensorRT and a CUDA GPU exist and
   ``export.tensorrt`` is on.
 
@@ -94,6 +96,10 @@ def run(cfg: Config, model_dir: Path, prepared_dir: Path, out_dir: Path) -> Step
         exported = np.concatenate([predictor.run(f) for f in feeds])
         record["parity"] = parity_report(reference, exported, e.parity_tolerance)
         check_parity(record["parity"], "ONNX Runtime", model_dir)
+        if record["arch"] == "fast":
+            record["numpy_parity"] = numpy_tables(model, tmp, reference, texts,
+                                                  e.parity_tolerance)
+            check_parity(record["numpy_parity"], "numpy", model_dir)
         record["tensorrt"], engine = tensorrt_engine(cfg, raw, tmp / PLAN_FILE, feeds,
                                                      reference)
         if engine is not None:
@@ -113,6 +119,24 @@ def run(cfg: Config, model_dir: Path, prepared_dir: Path, out_dir: Path) -> Step
                f"{parity['label_agreement']:.1%} on {parity['rows']} validation texts; "
                f"TensorRT {record['tensorrt']}")
     return StepResult("export", out_dir, metrics, [out_dir / RECORD_FILE], summary)
+
+
+def numpy_tables(model: nn.Module, folder: Path, reference: np.ndarray, texts: list[str],
+                 tolerance: float) -> dict[str, Any]:
+    """Write the fast student's tables for numpy serving (``kdpipe.serving.bag_numpy``) into
+    ``folder`` and report their parity: the texts through the Predictor, which serves
+    them with numpy, against ``reference`` (PyTorch's logits, in text order)."""
+    from safetensors.numpy import save_file
+
+    from kdpipe.models.bag import serving_tables
+    from kdpipe.serving.bag_numpy import BAG_FILE
+
+    save_file(serving_tables(model), str(folder / BAG_FILE), metadata={"format": "np"})
+    predictor = Predictor(folder)
+    if predictor.bag is None:
+        raise KdpipeError(f"{folder}: its tokenizer has no fast backend, so the fast "
+                          "student cannot be served by numpy")
+    return parity_report(reference, predictor.logits(texts), tolerance)
 
 
 def load_model(model_dir: Path) -> nn.Module:

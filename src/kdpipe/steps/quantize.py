@@ -51,6 +51,7 @@ from kdpipe.compression.ort_quantize import quantize_model
 from kdpipe.config import Config
 from kdpipe.data.prepare import read_split
 from kdpipe.errors import KdpipeError
+from kdpipe.serving.bag_numpy import BAG_FILE
 from kdpipe.serving.predictor import MODEL_FILE, TORCH_DIR, Predictor, model_path
 from kdpipe.step_result import StepResult
 
@@ -87,7 +88,10 @@ def run(cfg: Config, export_dir: Path, prepared_dir: Path, out_dir: Path,
                               "calibration": q.calibration if q.method == "ort_static" else None,
                               "max_accuracy_drop": q.max_accuracy_drop}
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="kdpipe-quant-") as s:
-        shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
+        # Not the fast student's float tables: the Predictor would serve them in place of
+        # the int8 model this folder is for.
+        shutil.copytree(export_dir, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(BAG_FILE))
         fp32 = export_dir / MODEL_FILE
         if q.method == "torch_dynamic":
             from kdpipe.compression import torch_int8
