@@ -56,9 +56,10 @@ STEPS_FILE = "bench_steps.json"  # a fresh project's step seconds, kept for --re
 RERUN_CHANGE = ("distill", "temperature", 3.0)  # the one parameter changed for the re-run
 BATCHES = (1, 32, 256)
 SYSTEMS = ("teacher_fp32", "teacher_int8", "tfidf_lr", "fasttext", "model2vec", "student_hard",
-           "student_kd", "student_pruned", "student_int8", "student_fast")
+           "student_kd", "student_pruned", "student_int8", "student_fast", "student_fast_ort")
 # The fast student (student.arch fast), distilled from the same soft labels and transfer set
-# as the default student and served from its exported ONNX graph.
+# as the default student; its export folder served as the Predictor serves it (numpy) and
+# by its ONNX graph (student_fast_ort).
 FAST_SETTINGS = ["student.arch=fast"]
 
 
@@ -274,8 +275,9 @@ def open_system(name: str, project: Path, extra: dict, threads: int, tokenizer: 
         return open_fasttext(extra["fasttext"]["folder"])
     if name == "model2vec":
         return open_model2vec(extra["model2vec"]["folder"])
-    if name == "student_fast":
-        return models.onnx_folder(name, extra["student_fast"]["folder"], threads, batch)
+    if name in ("student_fast", "student_fast_ort"):
+        return models.onnx_folder(name, extra["student_fast"]["folder"], threads, batch,
+                                  numpy_bag=name == "student_fast")
     folder = {"student_hard": extra["student_hard"]["folder"], "student_kd": paths.student,
               "student_pruned": paths.pruned, "student_int8": paths.quantized}[name]
     if name == "student_int8":

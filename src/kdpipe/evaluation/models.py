@@ -71,12 +71,14 @@ def pytorch_student(name: str, folder: Path, tokenizer: Any, max_length: int,
                     tokenizer, max_length, batch_size, forward)
 
 
-def onnx_folder(name: str, folder: Path, threads: int, batch_size: int) -> ModelUnderTest:
+def onnx_folder(name: str, folder: Path, threads: int, batch_size: int,
+                numpy_bag: bool = True) -> ModelUnderTest:
     """An exported folder (model.onnx, or a torch_dynamic ``torch`` folder; tokenizer,
-    labels.json, export.json)."""
+    labels.json, export.json), served as the Predictor serves it (``numpy_bag``: see
+    ``Predictor``)."""
     from kdpipe.serving.predictor import Predictor
 
-    predictor = Predictor(folder, threads=threads, batch_size=batch_size)
+    predictor = Predictor(folder, threads=threads, batch_size=batch_size, numpy_bag=numpy_bag)
 
     def tokenize(texts: list[str]) -> list[dict[str, np.ndarray]]:
         return list(predictor.encode(texts))
