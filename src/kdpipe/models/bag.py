@@ -119,19 +119,27 @@ class BagOfNgrams(Student):
 
 def serving_tables(model: nn.Module) -> dict[str, Any]:
     """What ``kdpipe.serving.bag_numpy`` serves, as float32 numpy arrays, from a fast student
-    or a pruned one (``PrunedStudent``): the word row of every tokenizer id (a pruned
-    vocabulary's renumbering and low-rank rows applied), the bigram table and the layers."""
+    or a pruned one (``PrunedStudent``).
+
+    The first linear layer after the mean (the hidden layer, or the classifier without one)
+    is folded into the tables: the mean of rows times a matrix is the mean of the rows times
+    it, so ``words`` holds each tokenizer id's word row (a pruned vocabulary's renumbering
+    and low-rank rows applied) times that layer, ``bigrams`` each bucket's, and serving
+    skips that product. Then ``hidden.bias``, ``classifier.weight`` and ``classifier.bias``
+    with a hidden layer; ``classifier.bias`` alone without.
+    """
     remap = getattr(model, "vocab_remap", None)
     student: BagOfNgrams = getattr(model, "student", model)
     embedding = student.get_input_embeddings()
     ids = torch.arange(embedding.num_embeddings if remap is None else remap.numel())
+    first = student.hidden if student.hidden is not None else student.classifier
     with torch.no_grad():
-        tables = {"words": embedding(ids if remap is None else remap[ids])}
+        rows = {"words": embedding(ids if remap is None else remap[ids])}
         if student.bigrams is not None:
-            tables["bigrams"] = student.bigrams.weight
-        layers = {"classifier": student.classifier}
+            rows["bigrams"] = student.bigrams.weight
+        tables = {name: table.double() @ first.weight.double().T for name, table in rows.items()}
         if student.hidden is not None:
-            layers["hidden"] = student.hidden
-        for name, layer in layers.items():
-            tables[f"{name}.weight"], tables[f"{name}.bias"] = layer.weight, layer.bias
+            tables["hidden.bias"] = student.hidden.bias
+            tables["classifier.weight"] = student.classifier.weight
+        tables["classifier.bias"] = student.classifier.bias
         return {name: t.detach().float().contiguous().numpy() for name, t in tables.items()}
