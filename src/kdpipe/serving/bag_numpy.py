@@ -57,8 +57,13 @@ class BagSession:
             missing.append("classifier.weight")
         if missing:
             raise KdpipeError(f"{path}: has no {', '.join(missing)}; re-run `kdpipe export`")
-        self.words = tables["words"]
-        self.bigrams = tables.get("bigrams")
+        # One table, words then bigram buckets (``words`` and ``bigrams`` are views into
+        # it): a text's rows are then one gather and one sum, not two.
+        words, bigrams = tables["words"], tables.get("bigrams")
+        self.table = words if bigrams is None else np.concatenate((words, bigrams))
+        self.vocab_size = words.shape[0]
+        self.words = self.table[: self.vocab_size]
+        self.bigrams = None if bigrams is None else self.table[self.vocab_size:]
         self.hidden_bias = tables.get("hidden.bias")
         self.classifier = tables.get("classifier.weight")
         self.bias = tables["classifier.bias"]
@@ -67,21 +72,33 @@ class BagSession:
     def logits(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         if not rows:
             return np.zeros((0, self.num_labels), np.float32)
-        # Padded to the longest (id 0, masked out): a (B, L, D) gather summed against the
-        # mask is some three times faster than np.add.reduceat over the unpadded rows, whose
-        # cost is per row.
-        ids, mask = pad_ids(rows, 0)
-        if mask.shape[1] == 0 or not mask[:, 0].all():
-            raise KdpipeError("the fast student needs at least one token per text")
-        weights = mask.astype(np.float32)
-        total = np.einsum("bl,bld->bd", weights, self.words[ids])
-        count = weights.sum(1)
+        if len(rows) == 1:  # one text: no padding, a plain mean
+            ids, weights = np.asarray(rows[0], np.int64)[None], None
+            if ids.shape[1] == 0:
+                raise KdpipeError("the fast student needs at least one token per text")
+        else:
+            # Padded to the longest (id 0, masked out): a (B, L, D) gather summed against the
+            # mask is some three times faster than np.add.reduceat over the unpadded rows,
+            # whose cost is per row.
+            ids, mask = pad_ids(rows, 0)
+            if mask.shape[1] == 0 or not mask[:, 0].all():
+                raise KdpipeError("the fast student needs at least one token per text")
+            weights = mask.astype(np.float32)
         if self.bigrams is not None and ids.shape[1] > 1:
-            pairs = weights[:, :-1] * weights[:, 1:]
-            buckets = (ids[:, :-1] * BIGRAM_PRIME + ids[:, 1:]) % self.bigrams.shape[0]
-            total += np.einsum("bl,bld->bd", pairs, self.bigrams[buckets])
-            count += pairs.sum(1)
-        out = total / count[:, None]
+            buckets = ((ids[:, :-1] * BIGRAM_PRIME + ids[:, 1:]) % self.bigrams.shape[0]
+                       + self.vocab_size)
+            ids = np.concatenate((ids, buckets), axis=1)
+            if weights is not None:
+                weights = np.concatenate((weights, weights[:, :-1] * weights[:, 1:]), axis=1)
+        if weights is None:
+            out = self.table[ids].mean(1)
+        else:
+            out = (np.einsum("bl,bld->bd", weights, self.table[ids])
+                   / weights.sum(1, keepdims=True))
         if self.hidden_bias is not None:
-            out = np.einsum("bd,cd->bc", np.maximum(out + self.hidden_bias, 0), self.classifier)
+            hidden = np.maximum(out + self.hidden_bias, 0)
+            # One row: a matrix-vector product, which OpenBLAS keeps on one thread at this
+            # size; more rows: einsum (see the module docstring).
+            out = (hidden @ self.classifier.T if len(hidden) == 1
+                   else np.einsum("bd,cd->bc", hidden, self.classifier))
         return (out + self.bias).astype(np.float32, copy=False)
