@@ -53,6 +53,7 @@ BIN = str(Path(sys.executable).parent)
 BENCH_SETTINGS = ["teacher.epochs=2", "teacher.lr=8e-5", "teacher.warmup_ratio=0.06",
                   "teacher.early_stopping_patience=1"]
 STEPS_FILE = "bench_steps.json"  # a fresh project's step seconds, kept for --reuse
+EXTRAS_FILE = "extras.json"  # what train_baselines trained, kept for --reuse
 RERUN_CHANGE = ("distill", "temperature", 3.0)  # the one parameter changed for the re-run
 BATCHES = (1, 32, 256)
 SYSTEMS = ("teacher_fp32", "teacher_int8", "tfidf_lr", "fasttext", "model2vec", "student_hard",
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reuse", action="store_true",
                         help="keep an existing project: steps that did not change are "
                              "skipped; with nothing changed, the step times reported are "
-                             "those of the cold run that built it")
+                             "those of the cold run that built it, and the students and "
+                             "peers trained from it are kept")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     data = Path(args.data).resolve()
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     project = root / "full"
     cold = run_pipeline(project, data, args.overrides, fresh=not args.reuse)
-    extra = train_baselines(project, root, args.threads)
+    extra = train_baselines(project, root, args.threads, reuse=args.reuse)
     systems = measure_systems(project, root, extra, args.threads, args.budget,
                               args.rounds)
     doc = results_doc(name, project, systems, extra, cold, args)
@@ -222,17 +224,33 @@ def subset_data(data: Path, folder: Path, fraction: float) -> Path:
 
 # -- the systems ---------------------------------------------------------------------------
 
-def train_baselines(project: Path, root: Path, threads: int = 1) -> dict:
+def train_baselines(project: Path, root: Path, threads: int = 1, reuse: bool = False) -> dict:
     """The student on hard labels only (same architecture, data, epochs and fractions as
-    the pipeline's), TF-IDF + LR, fastText (trained on ``threads`` threads) and Model2Vec
-    (from the pipeline's fine-tuned teacher); their folders, training seconds and the
-    hyper-parameters picked on validation."""
+    the pipeline's), the fast student, TF-IDF + LR, fastText (trained on ``threads``
+    threads) and Model2Vec (from the pipeline's fine-tuned teacher); their folders, training
+    seconds and the hyper-parameters picked on validation. With ``reuse``, what an earlier
+    call trained from the same pipeline outputs and settings (``EXTRAS_FILE``) is kept and
+    only TF-IDF (seconds) is fitted again."""
     from kdpipe.data.prepare import read_labels, read_split
     from kdpipe.steps import distill, export
 
     cfg = project_config(project)
     cfg = project_config(project, f"distill.hard_label_epochs={cfg.distill.epochs}")
     paths = cfg.paths
+    train = read_split(paths.prepared / "train.parquet")
+    val = read_split(paths.prepared / "validation.parquet")
+    split = (train.texts, np.asarray(train.labels), val.texts, np.asarray(val.labels),
+             len(read_labels(paths.prepared)))
+    tfidf, info = tfidf_lr(*split, root / "tfidf_lr")
+    tfidf_record = {"model": tfidf, "train_seconds": info["fit_seconds"], "C": info["C"]}
+    fingerprint = extras_fingerprint(project)
+    saved = root / EXTRAS_FILE
+    if reuse and saved.exists():
+        extras = json.loads(saved.read_text())
+        if extras.pop("fingerprint") == fingerprint:
+            print("[bench] the students and peers of the last run are kept (same pipeline "
+                  "outputs and settings)", flush=True)
+            return {**with_paths(extras), "tfidf_lr": tfidf_record}
     start = time.perf_counter()
     distill.run(cfg, paths.prepared, paths.soft_labels, paths.fractions, paths.teacher,
                 root / "student_hard")
@@ -243,21 +261,34 @@ def train_baselines(project: Path, root: Path, threads: int = 1) -> dict:
                 root / "student_fast")
     fast_seconds = round(time.perf_counter() - start, 1)
     export.run(fast, root / "student_fast", paths.prepared, root / "student_fast_onnx")
-    train = read_split(paths.prepared / "train.parquet")
-    val = read_split(paths.prepared / "validation.parquet")
-    split = (train.texts, np.asarray(train.labels), val.texts, np.asarray(val.labels),
-             len(read_labels(paths.prepared)))
-    tfidf, info = tfidf_lr(*split, root / "tfidf_lr")
     _, ft = fasttext_peer(*split, root / "fasttext", threads=threads)
     _, m2v = model2vec_peer(paths.teacher, *split, root / "model2vec")
     print(f"[bench] fasttext: {ft['hyperparameters']}, quantized {ft['quantized']}, "
           f"{ft['train_seconds']:.0f} s; model2vec: {m2v['pca_dims']} dims, C {m2v['C']:g}, "
           f"{m2v['train_seconds']:.0f} s", flush=True)
-    return {"student_hard": {"folder": root / "student_hard", "train_seconds": hard_seconds},
-            "student_fast": {"folder": root / "student_fast_onnx", "train_seconds": fast_seconds},
-            "tfidf_lr": {"model": tfidf, "train_seconds": info["fit_seconds"], "C": info["C"]},
-            "fasttext": {"folder": root / "fasttext", **ft},
-            "model2vec": {"folder": root / "model2vec", **m2v}}
+    extras = {"student_hard": {"folder": root / "student_hard", "train_seconds": hard_seconds},
+              "student_fast": {"folder": root / "student_fast_onnx",
+                               "train_seconds": fast_seconds},
+              "fasttext": {"folder": root / "fasttext", **ft},
+              "model2vec": {"folder": root / "model2vec", **m2v}}
+    write_json(saved, {"fingerprint": fingerprint, **extras})
+    return {**extras, "tfidf_lr": tfidf_record}
+
+
+def with_paths(extras: dict[str, dict]) -> dict[str, dict]:
+    """``extras`` read back from JSON: each system's folder a Path again."""
+    return {name: {**info, "folder": Path(info["folder"])} for name, info in extras.items()}
+
+
+def extras_fingerprint(project: Path) -> str:
+    """What the extra systems are trained from: the pipeline's settings and outputs
+    (params.yaml, dvc.lock) and the fast student's settings."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(FAST_SETTINGS).encode())
+    for name in ("params.yaml", "dvc.lock"):
+        digest.update((project / name).read_bytes())
+    return digest.hexdigest()
 
 
 def open_system(name: str, project: Path, extra: dict, threads: int, tokenizer: Any):

@@ -167,3 +167,15 @@ def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys, monkeypatch):
     changed = bench.run_pipeline(project, data, [], fresh=False)
     assert not changed["cold"] and list(changed["step_seconds"]) == list(saved["step_seconds"])
     assert bench.dvc_changed(project) == []
+    # The extra systems: trained again when the pipeline changed since (the re-run and the
+    # register change above), kept when it did not (only TF-IDF, seconds, is fitted again).
+    root = tmp_path / "work" / "mini"
+    weights = root / "student_fast" / "model.safetensors"
+    first = weights.stat().st_mtime_ns
+    extras = bench.train_baselines(project, root, reuse=True)
+    assert weights.stat().st_mtime_ns != first
+    retrained = weights.stat().st_mtime_ns
+    kept = bench.train_baselines(project, root, reuse=True)
+    assert weights.stat().st_mtime_ns == retrained
+    assert kept["student_fast"] == extras["student_fast"]
+    assert isinstance(kept["fasttext"]["folder"], Path) and "model" in kept["tfidf_lr"]
