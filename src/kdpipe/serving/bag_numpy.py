@@ -3,8 +3,7 @@
 Why numpy beside the ONNX graph: the fast student (``kdpipe.models.bag``) is two table
 lookups, a mean and two small matrix products. ONNX Runtime runs its graph as some twenty
 kernels, and at batch 1 their fixed cost is most of the call; numpy does the same work in a
-handful of calls and reads the texts unpadded
-(``docs/decisions.md#the-fast-student-served-by-numpy``).
+handful of calls (``docs/decisions.md#the-fast-student-served-by-numpy``).
 The export step writes the tables and checks this path's parity with PyTorch, as it does the
 graph's; ``model.onnx`` stays for every other runtime (TensorRT, ONNX Runtime elsewhere).
 

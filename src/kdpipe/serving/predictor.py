@@ -155,8 +155,8 @@ class Predictor:
         """Raw model outputs (n, C) float32, rows in input order."""
         items = as_texts(texts)
         if self.bag is not None:
-            # In input order, batch_size texts a call: grouping by length, as for a graph,
-            # saved less padding than its extra calls cost (bag_numpy pads cheaply).
+            # In input order, batch_size texts a call: padding costs the numpy path only a
+            # masked sum, so texts are not regrouped by length as for a graph.
             ids = [e if isinstance(e, list) else e.ids for e in self._encodings(items)]
             return np.concatenate([self.bag.logits(ids[i: i + self.batch_size])
                                    for i in range(0, len(ids), self.batch_size)]
