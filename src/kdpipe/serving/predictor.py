@@ -125,17 +125,23 @@ class Predictor:
         # token_type_ids).
         self.words = (WordCache.wrap(self.backend) if self.backend is not None
                       and set(self.inputs) <= {"input_ids", "attention_mask"} else None)
-        # The fast student's tables (export writes them beside its graph): served by numpy,
-        # unpadded, where the tokenizer has a fast backend (``numpy_bag=False``: the graph).
-        bag = folder / BAG_FILE
-        self.bag = (BagSession(bag) if numpy_bag and self.backend is not None
-                    and bag.is_file() else None)
-        if self.bag is not None and self.bag.num_labels != len(self.labels):
-            raise KdpipeError(f"{bag}: gives {self.bag.num_labels} logits per text but "
-                              f"{folder / LABELS_FILE} names {len(self.labels)} labels")
+        self.bag: BagSession | None = None
+        if numpy_bag:
+            self.load_bag()
         self._padding = {"direction": "right", "pad_id": self.tokenizer.pad_token_id,
                          "pad_type_id": self.tokenizer.pad_token_type_id,
                          "pad_token": self.tokenizer.pad_token}
+
+    def load_bag(self) -> BagSession | None:
+        """Serve the fast student's tables (export writes them beside its graph) with numpy,
+        where the folder has them and the tokenizer has a fast backend; else the graph.
+        Export calls it again once it has written the tables."""
+        bag = self.folder / BAG_FILE
+        self.bag = BagSession(bag) if self.backend is not None and bag.is_file() else None
+        if self.bag is not None and self.bag.num_labels != len(self.labels):
+            raise KdpipeError(f"{bag}: gives {self.bag.num_labels} logits per text but "
+                              f"{self.folder / LABELS_FILE} names {len(self.labels)} labels")
+        return self.bag
 
     def predict(self, texts: str | Iterable[str]) -> list[Prediction]:
         """A ``Prediction`` per text, in input order (a single string gives a list of one)."""
@@ -158,9 +164,10 @@ class Predictor:
             # In input order, batch_size texts a call: padding costs the numpy path only a
             # masked sum, so texts are not regrouped by length as for a graph.
             ids = [e if isinstance(e, list) else e.ids for e in self._encodings(items)]
+            if len(ids) <= self.batch_size:
+                return self.bag.logits(ids)
             return np.concatenate([self.bag.logits(ids[i: i + self.batch_size])
-                                   for i in range(0, len(ids), self.batch_size)]
-                                  or [self.bag.logits([])])
+                                   for i in range(0, len(ids), self.batch_size)])
         if self.backend is None or len(items) == 1:
             outputs = [self.run(feed) for feed in self.encode(items)]
             if not outputs:

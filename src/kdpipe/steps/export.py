@@ -97,7 +97,7 @@ def run(cfg: Config, model_dir: Path, prepared_dir: Path, out_dir: Path) -> Step
         record["parity"] = parity_report(reference, exported, e.parity_tolerance)
         check_parity(record["parity"], "ONNX Runtime", model_dir)
         if record["arch"] == "fast":
-            record["numpy_parity"] = numpy_tables(model, tmp, reference, texts,
+            record["numpy_parity"] = numpy_tables(model, predictor, reference, texts,
                                                   e.parity_tolerance)
             check_parity(record["numpy_parity"], "numpy", model_dir)
         record["tensorrt"], engine = tensorrt_engine(cfg, raw, tmp / PLAN_FILE, feeds,
@@ -121,21 +121,21 @@ def run(cfg: Config, model_dir: Path, prepared_dir: Path, out_dir: Path) -> Step
     return StepResult("export", out_dir, metrics, [out_dir / RECORD_FILE], summary)
 
 
-def numpy_tables(model: nn.Module, folder: Path, reference: np.ndarray, texts: list[str],
-                 tolerance: float) -> dict[str, Any]:
+def numpy_tables(model: nn.Module, predictor: Predictor, reference: np.ndarray,
+                 texts: list[str], tolerance: float) -> dict[str, Any]:
     """Write the fast student's tables for numpy serving (``kdpipe.serving.bag_numpy``) into
-    ``folder`` and report their parity: the texts through the Predictor, which serves
-    them with numpy, against ``reference`` (PyTorch's logits, in text order)."""
+    the predictor's folder and report their parity: the texts through the predictor, which
+    then serves them with numpy, against ``reference`` (PyTorch's logits, in text order)."""
     from safetensors.numpy import save_file
 
     from kdpipe.models.bag import serving_tables
     from kdpipe.serving.bag_numpy import BAG_FILE
 
-    save_file(serving_tables(model), str(folder / BAG_FILE), metadata={"format": "np"})
-    predictor = Predictor(folder)
-    if predictor.bag is None:
-        raise KdpipeError(f"{folder}: its tokenizer has no fast backend, so the fast "
-                          "student cannot be served by numpy")
+    save_file(serving_tables(model), str(predictor.folder / BAG_FILE),
+              metadata={"format": "np"})
+    if predictor.load_bag() is None:
+        raise KdpipeError(f"{predictor.folder}: its tokenizer has no fast backend, so the "
+                          "fast student cannot be served by numpy")
     return parity_report(reference, predictor.logits(texts), tolerance)
 
 
