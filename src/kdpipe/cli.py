@@ -41,7 +41,7 @@ err = Console(stderr=True)
 
 ParamsOpt = Annotated[
     Path | None,
-    typer.Option("--params", "-p", help="params file [default: ./params.yaml if present]",
+    typer.Option("--params", "-p", help="params file \\[default: ./params.yaml if present]",
                  show_default=False),
 ]
 SetOpt = Annotated[
@@ -423,6 +423,69 @@ def predict(
 
     for text, prediction in zip(texts, Predictor(model).predict(texts), strict=True):
         typer.echo(json.dumps({"text": text, **prediction.to_dict()}, ensure_ascii=False))
+
+
+@app.command(
+    epilog="Trials re-run distill (and fractionate, when one of its settings is searched) "
+    "from the work_dir's soft labels, so run `kdpipe run` first. Settings given with -S "
+    "apply to every trial; only the searched ones are written back.")
+@friendly_errors
+def tune(
+    minutes: Annotated[float | None, typer.Option(
+        min=0.01, show_default=False,
+        help="Budget: start no trial after this many minutes \\[default: tune.minutes]")] = None,
+    trials: Annotated[int | None, typer.Option(
+        min=1, show_default=False,
+        help="At most this many trials, counting those of an interrupted tune it "
+        "continues \\[default: tune.trials]")] = None,
+    write: Annotated[bool, typer.Option(
+        "--write/--no-write", help="Write the best settings into the params file when "
+        "they beat its own.")] = True,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Search the distillation settings (tune.space) for this data set, within a budget.
+
+    An Optuna study (TPE, median pruning after each epoch) scores each trial by the distilled
+    student's validation accuracy. The first trial is the params file's own settings; the
+    best trial's settings are written back only if they beat it. One MLflow run, `tune`,
+    holds a child run per trial; work_dir/tune/tune.json records every trial.
+    """
+    from kdpipe.config import DEFAULT_PARAMS_FILE
+    from kdpipe.tuning.search import summary
+    from kdpipe.tuning.search import tune as search
+    from kdpipe.tuning.write_back import write_settings
+
+    cfg = load_config(params, set_)
+    budget = {"minutes": minutes, "trials": trials}
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(
+        update={k: v for k, v in budget.items() if v is not None})})
+    with work_dir_lock(cfg.work_dir, "kdpipe tune"):
+        err.print(f"[bold]▶ tune[/] [dim]{len(cfg.tune.space)} settings, at most "
+                  f"{cfg.tune.trials or 'unlimited'} trials in {cfg.tune.minutes:g} min[/]",
+                  highlight=False)
+        try:
+            outcome = search(cfg, lambda line: err.print(f"  {escape(line)}", highlight=False))
+        except KeyboardInterrupt:
+            err.print("[dim]`kdpipe tune` again continues this search[/]", highlight=False)
+            raise
+    out.print(escape(summary(outcome.record)), highlight=False, soft_wrap=True)
+    out.print(f"[dim]every trial: {outcome.path}[/]", highlight=False)
+    if outcome.run_id:
+        _print_mlflow_run(cfg, outcome.run_id)
+    target = params if params is not None else DEFAULT_PARAMS_FILE
+    if not outcome.improved:
+        return
+    if not write:
+        settings = " ".join(f"-S {k}={v}" for k, v in outcome.best_settings.items())
+        out.print(f"not written (--no-write); to use them: kdpipe run {settings}",
+                  highlight=False, soft_wrap=True)
+        return
+    changed = write_settings(target, outcome.best_settings)
+    out.print(f"[green]{target}:[/] " + ("; ".join(changed) or "unchanged") +
+              f" — `kdpipe run` re-runs {outcome.record['steps'][0]} and what follows",
+              highlight=False,
+              soft_wrap=True)
 
 
 GATE_REFUSED = 2  # exit code of `kdpipe promote` when the gate says no: not an error

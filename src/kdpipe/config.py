@@ -22,14 +22,16 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from kdpipe.errors import ConfigError
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
-# Settings that say where a run happens and is recorded, not what it computes.
-WHERE_SETTINGS = {"work_dir", "tracking", "kfp"}
+# Settings that say where a run happens and is recorded (work_dir, tracking, kfp) or how
+# `kdpipe tune` searches for settings (tune), not what a model is made with.
+NOT_MODEL_SETTINGS = {"work_dir", "tracking", "kfp", "tune"}
 
 
 class Section(BaseModel):
@@ -489,6 +491,69 @@ DEFAULT_TIMEOUTS = {"ingest": 3600, "teacher": 43200, "baseline": 7200, "plan_sh
                     "evaluate": 7200, "gate": 1800, "register": 3600}
 
 
+class SearchRange(Section):
+    """One setting ``kdpipe tune`` searches: ``choices``, or a range ``low``..``high`` (on a
+    log scale with ``log``; in steps of ``step``). An int setting gets int values."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler: Any) -> dict[str, Any]:
+        # As written in params.yaml: {low: 1, high: 4}, not every field with its null.
+        return {k: v for k, v in handler(self).items()
+                if v is not None and not (k == "log" and v is False)}
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchRange:
+        ranged = self.low is not None or self.high is not None
+        if self.choices is not None:
+            if ranged or self.log or self.step is not None:
+                raise ValueError("give choices, or low and high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give choices, or both low and high")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log needs low > 0 and no step")
+        return self
+
+
+def _default_space() -> dict[str, SearchRange]:
+    # Around the defaults, and only distillation's settings, so that a trial is one distill
+    # from the cached soft labels and the student keeps its size (and so its speed)
+    # (docs/decisions.md#what-kdpipe-tune-searches-by-default).
+    return {"distill.lr": SearchRange(low=5e-4, high=8e-3, log=True),
+            "distill.temperature": SearchRange(choices=[1.0, 2.0, 3.0, 4.0]),
+            "distill.alpha": SearchRange(low=0.5, high=1.0),
+            "distill.epochs": SearchRange(low=1, high=4),
+            "student.dropout": SearchRange(low=0.0, high=0.4)}
+
+
+class TuneConfig(Section):
+    minutes: float = Field(
+        30, gt=0, description="Budget: no trial starts after this many minutes (the one "
+        "running then finishes)."
+    )
+    trials: int | None = Field(
+        20, ge=1, description="At most this many trials; the first one is params.yaml's own "
+        "settings, so tuning never writes back worse ones."
+    )
+    pruning: bool = Field(
+        True, description="Stop a trial after an epoch whose validation accuracy is below "
+        "the median of earlier trials' at that epoch (Optuna's MedianPruner)."
+    )
+    space: dict[str, SearchRange] = Field(
+        default_factory=_default_space, description="Setting -> its range or choices. Only "
+        "settings that fractionate, distill or the student read: a trial re-runs "
+        "fractionate (when one of its settings is searched) and distill."
+    )
+
+
 class KfpConfig(Section):
     """Kubeflow Pipelines: images and run options for `kdpipe submit` / `kdpipe compile`."""
 
@@ -563,6 +628,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
     kfp: KfpConfig = KfpConfig()
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _splits_differ(self) -> Config:
@@ -578,8 +644,10 @@ class Config(Section):
     def params_hash(self) -> str:
         """A short, stable hash of every setting that shapes a model, to tag what a model was
         made with: all but where things go (``work_dir``, ``tracking``, ``kfp``), so that a
-        run on a cluster and the same run here carry the same hash."""
-        blob = json.dumps(self.model_dump(mode="json", exclude=WHERE_SETTINGS), sort_keys=True)
+        run on a cluster and the same run here carry the same hash, and how ``kdpipe tune``
+        searches (``tune``)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude=NOT_MODEL_SETTINGS),
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -445,6 +445,40 @@ def step_run(cfg: Config, step: str, fn: Callable[[LogMetric | None], StepResult
     return result
 
 
+@contextlib.contextmanager
+def child_run(cfg: Config, name: str, params: dict[str, Any],
+              tags: dict[str, str]) -> Iterator[ChildRun | None]:
+    """A run nested in the active one (``kdpipe tune``'s trials in its parent run), with
+    ``params``; yields a ``ChildRun`` to log curves, metrics and tags into it (None when
+    tracking is off)."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    import mlflow
+
+    active = mlflow.active_run()
+    # In the parent's experiment: start_run's own default is the store's Default one.
+    experiment_id = active.info.experiment_id if active else configure(cfg)
+    with store_guard(tracking_uri(cfg), f"run {name}"), \
+            mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
+                             tags=tags), fail_fast(), ends_killed():
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+        yield ChildRun()
+
+
+class ChildRun:
+    """Logs into the run ``child_run`` opened, while it is the active one."""
+
+    def log_metric(self, name: str, value: float, step: int) -> None:
+        _log_metric(name, value, step)
+
+    def finish(self, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(tags)
+
+
 def _log_metric(name: str, value: float, step: int) -> None:
     import mlflow
 

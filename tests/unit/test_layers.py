@@ -17,7 +17,8 @@ FOUNDATION = {"kdpipe", "errors", "telemetry", "atomic", "progress", "threads", 
 # What each part may import besides the foundation. Read from the bottom up: serving and
 # data need nothing else; models pad with serving; compression shrinks models; training
 # trains them; evaluation scores every kind; tracking and registry talk to MLflow; the steps
-# compose all of these; pipeline declares the steps; kfp and the CLI run them.
+# compose all of these; pipeline declares the steps; tuning re-runs some of them in trials;
+# kfp and the CLI run them.
 ALLOWED = {
     "serving": set(),
     "data": set(),
@@ -32,8 +33,9 @@ ALLOWED = {
     "pipeline": {"steps"},
     "provenance": {"pipeline"},
     "kfp": {"pipeline", "steps", "tracking", "registry", "data"},
+    "tuning": {"pipeline", "provenance", "tracking"},
     "cli": {"pipeline", "provenance", "steps", "tracking", "registry", "kfp", "serving",
-            "data"},
+            "data", "tuning"},
     "__main__": {"cli"},
 }
 # The one import against the layers, on demand: a model folder holding a PyTorch int8
@@ -52,6 +54,7 @@ FORBIDDEN = {
     "models": {"kfp", "mlflow", "dvc"},
     "evaluation": {"kfp", "mlflow", "dvc"},
     "data": {"kfp", "mlflow"},
+    "tuning": {"kfp", "mlflow", "dvc"},  # MLflow through kdpipe.tracking
 }
 
 

@@ -45,4 +45,8 @@ def test_no_loader_can_unpickle():
                     problems.append(f"{where}: np.load without allow_pickle=False")
             if name in {"read_pickle", "unsafe_load"} or (owner == "yaml" and name == "load"):
                 problems.append(f"{where}: {owner}.{name}")
+            if name == "YAML":  # ruamel.yaml: its round-trip and safe loaders build no objects
+                typ = keyword(node, "typ")
+                if not (isinstance(typ, ast.Constant) and typ.value in {"rt", "safe"}):
+                    problems.append(f"{where}: ruamel YAML() without typ='rt' or 'safe'")
     assert problems == []
