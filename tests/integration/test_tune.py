@@ -1,15 +1,20 @@
 """`kdpipe tune` after `kdpipe run` on the fixture: trials from the cached soft labels, one
 MLflow run with a child run per trial, the best settings written into params.yaml (its
-comments kept) because they beat its own, and a second tune continuing the same study."""
+comments kept) because they beat its own; SIGTERM during a trial, and a later tune continuing
+the same study."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 
 import pytest
+from watched_process import WatchedProcess
 
 from kdpipe.config import load_config
 
@@ -19,11 +24,14 @@ SPACE = "tune.space={distill.lr: {low: 1.0e-6, high: 0.02, log: true}, " \
         "distill.epochs: {choices: [1, 2]}}"
 
 
+def environment():
+    return {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+            "COLUMNS": "200"}
+
+
 def kdpipe(tmp_path, *args, timeout=600):
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "kdpipe", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "kdpipe", *args], cwd=tmp_path,
+                          env=environment(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_tune_searches_records_and_writes_back_the_best(tmp_path, tiny_bert, separable_csv):
@@ -89,12 +97,34 @@ evaluate:
         assert child.data.metrics["val_accuracy"] == pytest.approx(t["value"])
         assert child.info.status == "FINISHED"
 
-    # The same search again continues the study: one more trial makes four.
+    # SIGTERM during a trial: the trial's run ends KILLED, one line says how to go on.
+    stopped = WatchedProcess([sys.executable, "-m", "kdpipe", "tune", "--trials", "6",
+                              "--no-write", "-S", SPACE], tmp_path, environment())
+    mlflow_db = tmp_path / "work" / "mlflow.db"
+    stopped.wait_for(lambda: bool(query(mlflow_db, "SELECT count(*) FROM runs WHERE "
+                                         "name = 'trial 3' AND status = 'RUNNING'")))
+    stopped.process.send_signal(signal.SIGTERM)
+    assert stopped.finish() == 128 + signal.SIGTERM, stopped.output
+    assert "interrupted (SIGTERM)" in stopped.output
+    assert "`kdpipe tune` again continues this search" in stopped.output
+    assert query(mlflow_db, "SELECT status FROM runs WHERE name = 'trial 3'") == "KILLED"
+
+    # The same search again continues the study: the killed trial does not count, one more
+    # makes four done.
     again = kdpipe(tmp_path, "tune", "--trials", "4", "--no-write", "-S", SPACE)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 trials done" in again.stderr
+    final = json.loads((tmp_path / "work" / "tune" / "tune.json").read_text())["trials"]
+    assert [t["state"] for t in final] == ["complete"] * 3 + ["fail", "complete"]
     # Not the settings of a trial it already ran: the sampler is seeded past them.
-    fourth = json.loads((tmp_path / "work" / "tune" / "tune.json").read_text())["trials"][3]
-    assert fourth["settings"] not in [t["settings"] for t in trials]
-    assert len(json.loads((tmp_path / "work" / "tune" / "tune.json").read_text())[
-        "trials"]) == 4
+    assert final[4]["settings"] not in [t["settings"] for t in trials]
+
+
+def query(db, sql):
+    """The first column of the first row, or None (the file may not hold the table yet)."""
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as connection:
+            row = connection.execute(sql).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    return row[0] if row else None
