@@ -23,7 +23,7 @@ import numpy as np
 
 from kdpipe.config import Config
 from kdpipe.errors import KdpipeError
-from kdpipe.registry.gate import ChampionComparison, Decision, decide
+from kdpipe.registry.gate import ChampionComparison, Check, Decision, decide
 from kdpipe.registry.store import (
     CHALLENGER,
     CHAMPION,
@@ -38,6 +38,8 @@ from kdpipe.registry.store import (
 PREVIOUS_CHAMPION = f"{TAG_PREFIX}previous_champion"
 # A version tag: the gate's checks as JSON, the last time it ran on that version.
 GATE_CHECKS = f"{TAG_PREFIX}gate_checks"
+# A version tag: the champion its promotion replaced ("-" for none).
+CHAMPION_BEFORE = f"{TAG_PREFIX}champion_before"
 
 
 @dataclass(frozen=True)
@@ -78,22 +80,27 @@ class Promotion:
 
 
 def promote(cfg: Config, version: int | None = None, force: bool = False,
-            prepared_dir: Path | None = None, dry_run: bool = False) -> Promotion:
+            prepared_dir: Path | None = None, dry_run: bool = False,
+            completing: bool = False) -> Promotion:
     """Make ``version`` (default: the one aliased ``challenger``) of ``registry.model_name``
     the champion if the gate passes, or if ``force``. ``prepared_dir`` (default
     ``cfg.paths.prepared``) holds the rows both models are measured on. ``dry_run``: decide
-    and say what would happen, moving and tagging nothing."""
+    and say what would happen, moving and tagging nothing. ``completing``: the caller is
+    finishing an interrupted registration of ``version``; if that attempt already promoted
+    it, its recorded promotion is returned, so the rerun reports what an uninterrupted run
+    would have."""
     registry = open_registry(cfg)
     name = cfg.registry.model_name
     # Read the champion, decide and move the alias under one lock: two runs promoting at
     # once would otherwise both compare against the same (or no) champion, and the later
     # alias write would win unchecked.
     with registry.locked(name, waiting=lambda line: print(line, file=sys.stderr, flush=True)):
-        return _promote(cfg, registry, name, version, force, prepared_dir, dry_run)
+        return _promote(cfg, registry, name, version, force, prepared_dir, dry_run,
+                        completing)
 
 
 def _promote(cfg: Config, registry: Registry, name: str, version: int | None, force: bool,
-             prepared_dir: Path | None, dry_run: bool) -> Promotion:
+             prepared_dir: Path | None, dry_run: bool, completing: bool) -> Promotion:
     aliases = registry.aliases(name)
     if version is None:
         version = aliases.get(CHALLENGER)
@@ -106,6 +113,9 @@ def _promote(cfg: Config, registry: Registry, name: str, version: int | None, fo
                           "an alias may only point at a completely registered version")
     champion = aliases.get(CHAMPION)
     if champion == version:
+        recorded = _recorded_promotion(candidate) if completing else None
+        if recorded is not None:
+            return recorded
         return Promotion(name, version, None, False, champion, champion,
                          note=f"v{version} already is the champion")
     comparison = None
@@ -124,15 +134,38 @@ def _promote(cfg: Config, registry: Registry, name: str, version: int | None, fo
              GATE_CHECKS: json.dumps(decision.to_dict()["checks"]),
              f"{TAG_PREFIX}gate_checked_at": _now()}
     if decision.promote:
+        stamp.update({f"{TAG_PREFIX}promoted_at": stamp[f"{TAG_PREFIX}gate_checked_at"],
+                      f"{TAG_PREFIX}promoted_by": _who(),
+                      f"{TAG_PREFIX}forced_promotion": "true" if force else "false",
+                      CHAMPION_BEFORE: str(champion) if champion is not None else "-"})
+    # The stamp goes on before the alias moves: a process killed in between leaves a
+    # version that is champion only with its decision recorded (`_recorded_promotion`).
+    registry.set_tags(name, version, stamp)
+    if decision.promote:
         if champion is not None:  # what `kdpipe rollback` returns to
             registry.set_model_tag(name, PREVIOUS_CHAMPION, str(champion))
         registry.set_alias(name, CHAMPION, version)
-        stamp.update({f"{TAG_PREFIX}promoted_at": stamp[f"{TAG_PREFIX}gate_checked_at"],
-                      f"{TAG_PREFIX}promoted_by": _who(),
-                      f"{TAG_PREFIX}forced_promotion": "true" if force else "false"})
-    registry.set_tags(name, version, stamp)
     after = version if decision.promote else champion
     return Promotion(name, version, decision, decision.promote, champion, after)
+
+
+def _recorded_promotion(version: Version) -> Promotion | None:
+    """The promotion that made ``version`` the champion, rebuilt from its stamp; None when
+    the stamp is missing, unreadable, or from a refusal."""
+    tags = version.tags
+    try:
+        checks = tuple(Check(**check) for check in json.loads(tags[GATE_CHECKS]))
+        before = tags[CHAMPION_BEFORE]
+        champion_before = None if before == "-" else int(before)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if f"{TAG_PREFIX}promoted_at" not in tags:
+        return None
+    decision = Decision(checks, forced=tags.get(f"{TAG_PREFIX}forced_promotion") == "true")
+    if not decision.promote:  # a later refusal's stamp (the version came back by rollback)
+        return None
+    return Promotion(version.name, version.version, decision, True, champion_before,
+                     version.version)
 
 
 def rollback(cfg: Config) -> Promotion:

@@ -112,7 +112,8 @@ def run(cfg: Config, candidate_dir: Path, evaluation_dir: Path, prepared_dir: Pa
             if warning:  # loud: a gate that passes anything is rarely what a user meant
                 print(warning, file=sys.stderr, flush=True)
                 notes.append(warning)
-            promotion = promote(cfg, version=version, prepared_dir=prepared_dir)
+            promotion = promote(cfg, version=version, prepared_dir=prepared_dir,
+                                completing=existing is not None)
         else:
             champion = registry.alias(name, CHAMPION)
             promotion = Promotion(name, version, None, False, champion, champion,

@@ -436,6 +436,11 @@ def test_the_same_candidate_registered_again_completes_its_version_instead_of_ad
     second = read_record(again)
     assert (first["version"], second["version"]) == (1, 1)
     assert "(already registered)" in again.summary
+    # The first attempt promoted it: the rerun reports that promotion, as a run never
+    # interrupted would, rather than "already champion".
+    assert second["promoted"] and second["gate"] == first["gate"]
+    assert (second["champion_before"], second["champion_after"]) == (None, 1)
+    assert again.metrics["promoted"] == again.metrics["gate_passed"] == 1.0
     assert any("already held this candidate" in n for n in second["notes"])
     versions = registry.versions("rerun")
     assert [v.version for v in versions] == [1]
