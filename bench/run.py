@@ -309,10 +309,10 @@ def open_system(name: str, project: Path, extra: dict, threads: int, tokenizer: 
     if name in ("student_fast", "student_fast_ort"):
         return models.onnx_folder(name, extra["student_fast"]["folder"], threads, batch,
                                   numpy_bag=name == "student_fast")
-    folder = {"student_hard": extra["student_hard"]["folder"], "student_kd": paths.student,
-              "student_pruned": paths.pruned, "student_int8": paths.quantized}[name]
     if name == "student_int8":
-        return models.onnx_folder(name, folder, threads, batch)
+        return models.onnx_folder(name, paths.quantized, threads, batch)
+    folder = (extra["student_hard"]["folder"] if name == "student_hard" else
+              {"student_kd": paths.student, "student_pruned": paths.pruned}[name])
     return models.pytorch_student(name, folder, tokenizer, max_length, batch)
 
 

@@ -79,17 +79,8 @@ def scored(project: Path, names: tuple[str, ...]) -> dict[str, dict]:
     val = read_split(paths.prepared / "validation.parquet")
     test = read_split(paths.prepared / "test.parquet")
     tokenizer = load_tokenizer(paths.teacher)
-    return {name: bench.scores(open_model(name, project, tokenizer), val, test)
+    return {name: bench.scores(bench.open_system(name, project, {}, 1, tokenizer), val, test)
             for name in names}
-
-
-def open_model(name: str, project: Path, tokenizer: Any) -> Any:
-    from kdpipe.evaluation import models
-
-    if name == "student_int8":  # bench.open_system wants the extras for students
-        return models.onnx_folder(name, bench.project_config(project).paths.quantized, 1,
-                                  max(bench.BATCHES))
-    return bench.open_system(name, project, {}, 1, tokenizer)
 
 
 def fasttext_scores(project: Path, root: Path) -> dict[str, Any]:

@@ -785,15 +785,34 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    node = raw
-    parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+    try:
+        node, last = parent_of(raw, key)
+    except NotASection as exc:
+        raise ConfigError(f"-S {key}: {exc} is a value, not a section") from None
+    node[last] = value
+
+
+class NotASection(ValueError):
+    """A dotted key passes through a value (its message: the dotted path of that value)."""
+
+
+def parent_of(doc: dict[str, Any], key: str, make: Any = dict) -> tuple[Any, str]:
+    """(the mapping in nested ``doc`` that holds dotted ``key``'s last part, that part).
+    Sections on the way that are missing or empty (None) are made with ``make``; with
+    ``make=None`` the mapping returned is None instead. Raises ``NotASection`` where a
+    part on the way is a value."""
+    *parents, last = key.split(".")
+    node = doc
+    for depth, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            if make is None:
+                return None, last
+            child = node[part] = make()
         if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
-            raise ConfigError(f"-S {key}: {where} is a value, not a section")
+            raise NotASection(".".join(parents[:depth + 1]))
         node = child
-    node[parts[-1]] = value
+    return node, last
 
 
 def _describe(exc: ValidationError) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from kdpipe import provenance, tracking
 from kdpipe.atomic import write_json
-from kdpipe.config import Config
+from kdpipe.config import Config, parent_of
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline import STEPS, Step
 from kdpipe.step_settings import subset
@@ -132,14 +132,11 @@ def study_name(cfg: Config, steps: list[Step]) -> str:
 
 
 def _without(doc: dict[str, Any], keys: list[str]) -> dict[str, Any]:
-    """``doc`` (nested settings) less the searched ``keys``."""
-    doc = json.loads(json.dumps(doc))
+    """``doc`` (nested settings, ``subset``'s own copy) less the searched ``keys``."""
     for key in keys:
-        *parents, last = key.split(".")
-        node = doc
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(last, None)
+        node, last = parent_of(doc, key, make=None)
+        if node is not None:
+            node.pop(last, None)
     return doc
 
 
@@ -216,9 +213,7 @@ def _objective(cfg: Config, steps: list[Step], folder: Path, name: str,
 
 def _best(study: Any) -> Any:
     """The best finished trial, or None before any."""
-    import optuna
-
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from kdpipe.config import Config, SearchRange, validate
+from kdpipe.config import Config, SearchRange, parent_of, validate
 from kdpipe.errors import ConfigError
 from kdpipe.pipeline import STEPS, Step, step_named
 from kdpipe.step_settings import check_keys
@@ -92,9 +92,6 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     """``cfg`` with ``values`` (setting -> value) set, validated like params.yaml."""
     raw = cfg.model_dump(mode="json")
     for key, value in values.items():
-        *parents, last = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
+        node, last = parent_of(raw, key)
         node[last] = value
     return validate(raw, "tune trial")

@@ -14,7 +14,7 @@ from typing import Any
 from yaml import safe_load
 
 from kdpipe.atomic import atomic_file
-from kdpipe.config import validate
+from kdpipe.config import NotASection, parent_of, validate
 from kdpipe.errors import ConfigError
 
 
@@ -35,15 +35,11 @@ def write_settings(path: Path, values: dict[str, Any]) -> list[str]:
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     changed = []
     for key, value in values.items():
-        *parents, last = key.split(".")
-        node = doc
-        for depth, part in enumerate(parents):
-            if node.get(part) is None:
-                node[part] = CommentedMap()
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"{path}: {'.'.join(parents[:depth + 1])} is a value, not "
-                                  f"a section, so {key} cannot be written")
+        try:
+            node, last = parent_of(doc, key, make=CommentedMap)
+        except NotASection as exc:
+            raise ConfigError(f"{path}: {exc} is a value, not a section, so {key} cannot "
+                              "be written") from None
         old = node.get(last, "(default)")
         if old != value:
             changed.append(f"{key} {old} → {value}")
