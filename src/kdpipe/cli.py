@@ -7,6 +7,7 @@ A ``KdpipeError`` becomes one red line on stderr and exit code 1, never a traceb
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -724,6 +725,18 @@ def params(
         typer.echo(defaults_yaml(), nl=False)
         return
     typer.echo(to_yaml(load_config(params, set_)), nl=False)
+
+
+def _paragraphs_unwrapped(text: str) -> str:
+    """Typer's rich help keeps a docstring's line breaks, so a terminal narrower than the
+    source wraps each line again and leaves ragged stubs; with each paragraph on one line,
+    rich wraps it to the terminal's width."""
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n"))
+
+
+for _command in app.registered_commands:
+    _command.help = _paragraphs_unwrapped(_command.help or inspect.getdoc(_command.callback)
+                                          or "") or None
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ evaluate:
     assert stopped.finish() == 128 + signal.SIGTERM, stopped.output
     assert "interrupted (SIGTERM)" in stopped.output
     assert "`kdpipe tune` again continues this search" in stopped.output
+    assert "failed with value" not in stopped.output  # Optuna's own log line, not repeated
     assert query(mlflow_db, "SELECT status FROM runs WHERE name = 'trial 3'") == "KILLED"
 
     # The same search again continues the study: the killed trial does not count, one more

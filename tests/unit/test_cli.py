@@ -33,6 +33,19 @@ def test_help_lists_every_step_and_version():
     assert CliRunner().invoke(app, ["--version"]).stdout.strip() == f"kdpipe {__version__}"
 
 
+@pytest.mark.parametrize("command", ["tune", "run", "promote"])
+def test_help_paragraphs_wrap_to_a_narrow_terminal_without_stubs(command):
+    """A docstring's source line breaks would survive into rich's help and, at 80 columns,
+    leave a stub of a word or two after each wrapped line."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"},
+                                terminal_width=80)
+    description = result.stdout.split("╭")[0].splitlines()[3:]  # below "Usage: ..."
+    lines = [line.strip() for line in description]
+    for line, following in zip(lines, lines[1:], strict=False):
+        if line and following:  # inside a paragraph: a line is short only at its end
+            assert len(line) > 60, (line, following)
+
+
 # --- kdpipe promote / kdpipe models ------------------------------------------------------
 
 REGISTERED = "kdpipe-student"  # registry.model_name's default

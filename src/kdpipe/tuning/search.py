@@ -104,7 +104,9 @@ def _optuna() -> Any:
         import optuna
     except ImportError:
         raise KdpipeError("kdpipe tune needs Optuna: pip install 'kdpipe[tune]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # kdpipe prints each trial's outcome itself; Optuna's own warnings ("Trial 3 failed
+    # with value None" on an interrupt) would repeat it in another format.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna
 
 
