@@ -144,8 +144,13 @@ def test_bench_run_end_to_end(tmp_path, tiny_bert, capsys, monkeypatch):
     assert rerun["stages_changed"] == ["baseline", "evaluate", "ingest", "register"]
     assert rerun["change"] == "evaluate.ece_bins=10"
     assert rerun["seconds"] > 0
+    # kdpipe run, timed first from the same state, ran those steps but ingest: its
+    # provenance knows the source did not change.
+    assert rerun["kdpipe_run"]["steps_run"] == ["baseline", "evaluate", "register"]
+    assert rerun["kdpipe_run"]["seconds"] > 0
     assert set(saved["targets"]) >= {"int8_pct_of_teacher", "points_over_fasttext",
-                                     "rerun_fraction_of_cold"}
+                                     "rerun_fraction_of_cold",
+                                     "rerun_kdpipe_run_fraction_of_cold"}
     # The fast student: distilled from the same soft labels, served from its ONNX graph.
     fast = json.loads((tmp_path / "work" / "mini" / "student_fast" / "student.json").read_text())
     assert fast["arch"] == "fast" and saved["settings"]["fast_student"] == bench.FAST_SETTINGS
