@@ -194,17 +194,23 @@ def project_config(project: Path, *overrides: str):
 
 
 def rerun_after_distill_change(project: Path, cold_seconds: float) -> dict:
-    """Change one distill parameter in params.yaml, then time the re-run both ways a user
-    runs the pipeline locally, from the same state: ``kdpipe run`` (one process; it keeps
-    the steps its provenance records show up to date), then ``dvc repro`` (a process per
-    stage; dvc.lock still holds the cold run, so it re-runs what ``kdpipe run`` just did
-    and leaves the project as DVC expects it)."""
+    """Change one distill parameter (``RERUN_CHANGE``) in params.yaml and time the re-run
+    (``timed_reruns``)."""
     import yaml
 
     section, key, value = RERUN_CHANGE
     params = yaml.safe_load((project / "params.yaml").read_text())
     params[section][key] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return timed_reruns(project, cold_seconds, f"{section}.{key}={value}")
+
+
+def timed_reruns(project: Path, cold_seconds: float, change: str) -> dict:
+    """After ``change`` to params.yaml, time the re-run both ways a user runs the pipeline
+    locally, from the same state: ``kdpipe run`` (one process; it keeps the steps its
+    provenance records show up to date), then ``dvc repro`` (a process per stage; dvc.lock
+    still holds the earlier run, so it re-runs what ``kdpipe run`` just did and leaves the
+    project as DVC expects it)."""
     changed = dvc_status(project)
     start = time.perf_counter()
     done = subprocess.run([str(Path(BIN) / "kdpipe"), "run"], cwd=project, text=True,
@@ -216,7 +222,7 @@ def rerun_after_distill_change(project: Path, cold_seconds: float) -> dict:
     start = time.perf_counter()
     dvc(project, "repro")
     seconds = round(time.perf_counter() - start, 1)
-    return {"change": f"{section}.{key}={value}", "stages_changed": changed,
+    return {"change": change, "stages_changed": changed,
             "seconds": seconds, "fraction_of_cold": round(seconds / cold_seconds, 3),
             "kdpipe_run": {"steps_run": re.findall(r"▶ (\w+)", done.stderr),
                            "seconds": run_seconds,

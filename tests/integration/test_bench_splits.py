@@ -62,6 +62,6 @@ def test_an_unknown_split_is_named(sources, tmp_path):
 
 def test_targets_read_the_default_student_and_the_rerun():
     row = {"default_int8": {"pct_of_teacher": 97.5, "points_over_fasttext": 1.9},
-           "rerun": {"fraction_of_cold": 0.2}}
+           "rerun": {"fraction_of_cold": 0.2, "kdpipe_run": {"fraction_of_cold": 0.12}}}
     assert targets(row) == {"pct_of_teacher": True, "points_over_fasttext": False,
-                            "rerun": False}
+                            "rerun": False, "rerun_kdpipe_run": True}
