@@ -224,7 +224,10 @@ def model2vec_peer(teacher_folder: Path, train_texts: list[str], train_labels: n
     best, best_acc = best_logistic_regression(train_x, train_labels, val_x, val_labels,
                                               num_labels, M2V_C)
     seconds = time.perf_counter() - start
-    weight, bias = best.coef_.astype(np.float32), best.intercept_.astype(np.float32)
+    # C order: scikit-learn's multiclass coef_ is Fortran-ordered, and safetensors' numpy
+    # writer stores such an array's bytes as they lie, so it would read back transposed.
+    weight = np.ascontiguousarray(best.coef_, dtype=np.float32)
+    bias = np.ascontiguousarray(best.intercept_, dtype=np.float32)
     if num_labels == 2:  # binary LR: p(1) = sigmoid(w.x + b) = softmax([0, w.x + b])[1]
         weight = np.vstack([np.zeros_like(weight), weight])
         bias = np.concatenate([np.zeros_like(bias), bias])

@@ -303,13 +303,14 @@ def with_paths(extras: dict[str, dict]) -> dict[str, dict]:
 
 
 def extras_fingerprint(project: Path) -> str:
-    """What the extra systems are trained from: the pipeline's settings and outputs
-    (params.yaml, dvc.lock) and the fast student's settings."""
+    """What the extra systems are trained from: the pipeline's settings (their hash, so
+    that rewriting params.yaml in another layout or changing where things go does not
+    count), its outputs (dvc.lock) and the fast student's settings."""
     import hashlib
 
     digest = hashlib.sha256(json.dumps(FAST_SETTINGS).encode())
-    for name in ("params.yaml", "dvc.lock"):
-        digest.update((project / name).read_bytes())
+    digest.update(project_config(project).params_hash().encode())
+    digest.update((project / "dvc.lock").read_bytes())
     return digest.hexdigest()
 
 

@@ -131,8 +131,10 @@ def numpy_tables(model: nn.Module, predictor: Predictor, reference: np.ndarray,
     from kdpipe.models.bag import serving_tables
     from kdpipe.serving.bag_numpy import BAG_FILE
 
-    save_file(serving_tables(model), str(predictor.folder / BAG_FILE),
-              metadata={"format": "np"})
+    # C order: safetensors' numpy writer stores an array's bytes as they lie, so a
+    # Fortran-ordered table would read back transposed.
+    tables = {name: np.ascontiguousarray(table) for name, table in serving_tables(model).items()}
+    save_file(tables, str(predictor.folder / BAG_FILE), metadata={"format": "np"})
     if predictor.load_bag() is None:
         raise KdpipeError(f"{predictor.folder}: its tokenizer has no fast backend, so the "
                           "fast student cannot be served by numpy")
