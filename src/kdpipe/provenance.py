@@ -75,6 +75,19 @@ def folder_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def folder_stat(path: Path) -> str:
+    """SHA-256 over every file's relative name, size and modification time under ``path``:
+    cheap, and unchanged while nothing touched the folder (``stale`` hashes the content only
+    when this differs)."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path).as_posix()}\0{stat.st_size}\0"
+                      f"{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
 def read(root: Path, step: str) -> dict[str, Any] | None:
     # A damaged record is as good as none, so the step re-runs.
     return read_json(_record_path(root, step))
@@ -136,6 +149,7 @@ def finished(cfg: Config, step: Step, run: RunInfo) -> dict[str, Any]:
         "step": step.name,
         "output": step.output,
         "content_hash": folder_hash(getattr(paths, step.output)),
+        "output_stat": folder_stat(getattr(paths, step.output)),
         "inputs": {folder: current_hash(paths, folder) for folder in step.folders},
         "source": source_fingerprint(cfg) if not step.inputs else None,
         "settings": _settings(cfg, step),
@@ -193,8 +207,14 @@ def stale(cfg: Config, step: Step) -> str | None:
     record = read(paths.root, step.name)
     if record is None:
         return "no record of a finished run in this work_dir"
-    if not getattr(paths, step.output).is_dir():
-        return f"its output {getattr(paths, step.output)} is missing"
+    output = getattr(paths, step.output)
+    if not output.is_dir():
+        return f"its output {output} is missing"
+    # The output may have been replaced since: `dvc repro` or `dvc checkout` restoring an
+    # earlier run's from DVC's cache writes no record.
+    if folder_stat(output) != record.get("output_stat") and \
+            folder_hash(output) != record.get("content_hash"):
+        return f"its output {output} is not what it made (changed since, e.g. by DVC)"
     if record.get("kdpipe_version") != __version__:
         return f"made by kdpipe {record.get('kdpipe_version')}, this is {__version__}"
     changed = _changed(record.get("settings") or {}, _settings(cfg, step))

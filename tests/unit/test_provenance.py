@@ -82,6 +82,34 @@ def test_an_interrupted_step_a_missing_output_and_another_version_are_stale(cfg)
     assert provenance.stale(cfg, teacher) == f"its output {cfg.paths.teacher} is missing"
 
 
+def test_an_output_replaced_after_its_run_is_stale_and_one_touched_is_not(cfg, monkeypatch):
+    """`dvc checkout` (or a run-cache restore in `dvc repro`) puts an earlier run's output
+    back and writes no record: the record's settings then describe another model."""
+    import os
+    import shutil
+
+    teacher = step_named("teacher")
+    make(cfg, "ingest")
+    make(cfg, "teacher", content="model of run 1")
+    kept = cfg.paths.root / "kept"
+    shutil.copytree(cfg.paths.teacher, kept)
+    make(cfg, "teacher", content="model of run 2")
+    shutil.rmtree(cfg.paths.teacher)
+    shutil.copytree(kept, cfg.paths.teacher)  # as DVC restores it
+    assert provenance.stale(cfg, teacher) == \
+        f"its output {cfg.paths.teacher} is not what it made (changed since, e.g. by DVC)"
+
+    make(cfg, "teacher", content="model of run 3")
+    hashed = []
+    real = provenance.folder_hash
+    monkeypatch.setattr(provenance, "folder_hash", lambda p: hashed.append(p) or real(p))
+    assert provenance.stale(cfg, teacher) is None and hashed == []  # untouched: no hashing
+    out = cfg.paths.teacher / "out.txt"
+    os.utime(out, ns=(out.stat().st_atime_ns, out.stat().st_mtime_ns + 10**9))
+    assert provenance.stale(cfg, teacher) is None  # same bytes, a new time: hashed, kept
+    assert hashed == [cfg.paths.teacher]
+
+
 def test_a_folder_made_from_a_mix_of_runs_is_refused(cfg):
     for name in ("ingest", "teacher", "soft_labels"):
         make(cfg, name)
