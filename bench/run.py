@@ -220,7 +220,9 @@ def timed_reruns(project: Path, cold_seconds: float, change: str) -> dict:
         raise SystemExit(f"kdpipe run failed in {project} (exit {done.returncode}):\n"
                          f"{done.stderr[-3000:]}")
     start = time.perf_counter()
-    dvc(project, "repro")
+    # --no-run-cache: a change made before (an earlier bench run's) would otherwise be
+    # restored from DVC's run cache in seconds, which times a checkout, not a re-run.
+    dvc(project, "repro", "--no-run-cache")
     seconds = round(time.perf_counter() - start, 1)
     return {"change": change, "stages_changed": changed,
             "seconds": seconds, "fraction_of_cold": round(seconds / cold_seconds, 3),
