@@ -67,8 +67,7 @@ def folder_hash(path: Path) -> str:
     """SHA-256 over every file under ``path``: relative name, size and bytes, in name order."""
     digest = hashlib.sha256()
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-    for file in files:
+    for file in _files(path):
         digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
         with open(file, "rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
@@ -81,11 +80,16 @@ def folder_stat(path: Path) -> str:
     when this differs)."""
     digest = hashlib.sha256()
     path = Path(path)
-    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []:
+    for file in _files(path):
         stat = file.stat()
         digest.update(f"{file.relative_to(path).as_posix()}\0{stat.st_size}\0"
                       f"{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()
+
+
+def _files(path: Path) -> list[Path]:
+    """Every file under ``path``, in name order (none when it is not a folder)."""
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
 
 
 def read(root: Path, step: str) -> dict[str, Any] | None:
@@ -210,11 +214,6 @@ def stale(cfg: Config, step: Step) -> str | None:
     output = getattr(paths, step.output)
     if not output.is_dir():
         return f"its output {output} is missing"
-    # The output may have been replaced since: `dvc repro` or `dvc checkout` restoring an
-    # earlier run's from DVC's cache writes no record.
-    if folder_stat(output) != record.get("output_stat") and \
-            folder_hash(output) != record.get("content_hash"):
-        return f"its output {output} is not what it made (changed since, e.g. by DVC)"
     if record.get("kdpipe_version") != __version__:
         return f"made by kdpipe {record.get('kdpipe_version')}, this is {__version__}"
     changed = _changed(record.get("settings") or {}, _settings(cfg, step))
@@ -230,6 +229,11 @@ def stale(cfg: Config, step: Step) -> str | None:
     for folder in step.folders:
         if current_hash(paths, folder) != (record.get("inputs") or {}).get(folder):
             return f"{getattr(paths, folder)} has changed since it ran"
+    # Last, as it may hash the output: the output may have been replaced since its run
+    # (`dvc checkout`, or `dvc repro` restoring from its run cache, writes no record).
+    if folder_stat(output) != record.get("output_stat") and \
+            folder_hash(output) != record.get("content_hash"):
+        return f"its output {output} is not what it made (changed since, e.g. by DVC)"
     return None
 
 
