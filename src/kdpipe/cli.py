@@ -478,8 +478,8 @@ def tune(
     if not outcome.improved:
         return
     if not write:
-        settings = " ".join(f"-S {k}={v}" for k, v in outcome.best_settings.items())
-        out.print(f"not written (--no-write); to use them: kdpipe run {settings}",
+        command = _run_command(params, set_, outcome.best_settings)
+        out.print(f"not written (--no-write); to use them: {escape(command)}",
                   highlight=False, soft_wrap=True)
         return
     changed = write_settings(target, outcome.best_settings)
@@ -487,6 +487,22 @@ def tune(
               f" — `kdpipe run` re-runs {outcome.record['steps'][0]} and what follows",
               highlight=False,
               soft_wrap=True)
+
+
+def _run_command(params: Path | None, given: list[str] | None, best: dict[str, Any]) -> str:
+    """The `kdpipe run` that reproduces the best trial: the -S given to every trial, then the
+    searched settings (a searched key given with -S too takes the trial's value). tune's own
+    settings are left out: they do not change a run."""
+    import shlex
+
+    words = ["kdpipe", "run"] + (["--params", str(params)] if params is not None else [])
+    for item in given or []:
+        key = item.split("=", 1)[0].strip()
+        if key not in best and key != "tune" and not key.startswith("tune."):
+            words += ["-S", item]
+    for key, value in best.items():
+        words += ["-S", f"{key}={value}"]
+    return shlex.join(words)
 
 
 GATE_REFUSED = 2  # exit code of `kdpipe promote` when the gate says no: not an error

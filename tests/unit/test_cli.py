@@ -247,3 +247,14 @@ def test_promote_help_documents_exit_codes():
     result = CliRunner().invoke(app, ["promote", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "2 the gate refused" in result.stdout and "--force" in result.stdout
+
+
+def test_tunes_run_line_repeats_the_settings_every_trial_had():
+    # `kdpipe tune --no-write -S student.arch=fast` found a better lr: the command it prints
+    # must train the same kind of student, so the -S given to every trial comes first.
+    line = cli._run_command(None, ["student.arch=fast", "distill.lr=0.1",
+                                   "tune.space={distill.lr: {low: 0.001, high: 0.1}}"],
+                            {"distill.lr": 0.004, "distill.epochs": 2})
+    assert line == "kdpipe run -S student.arch=fast -S distill.lr=0.004 -S distill.epochs=2"
+    assert cli._run_command(cli.Path("p.yaml"), None, {"distill.T": 3.0}) == \
+        "kdpipe run --params p.yaml -S distill.T=3.0"
