@@ -232,9 +232,15 @@ class StudentConfig(Section):
     transformer: TinyTransformerConfig = TinyTransformerConfig()
 
 
+Projection = Literal["linear", "mlp"]
+PROJECTION_HELP = ("How the student's feature is mapped to the teacher's width: one linear "
+                   "layer, or a two-layer MLP times a learned scale (adaptive projection).")
+
+
 class FeatureLossConfig(Section):
     weight: float = Field(0.0, ge=0, description="Student pooled feature -> teacher [CLS].")
     kind: Literal["mse", "cosine"] = "mse"
+    projection: Projection = Field("linear", description=PROJECTION_HELP)
 
 
 class CRDConfig(Section):
@@ -256,6 +262,31 @@ class HiddenLossConfig(Section):
         description="(student, teacher) hidden-state pairs, 0 = embeddings output; null: "
         "each student layer with the teacher layer it was copied from.",
     )
+
+
+class AttentionLossConfig(Section):
+    """Attention transfer for the transformer student (TinyBERT): MSE between its attention
+    maps and the teacher's, over real tokens; heads averaged where the counts differ."""
+
+    weight: float = Field(0.0, ge=0)
+    layer_pairs: list[tuple[int, int]] | None = Field(
+        None,
+        description="(student, teacher) layer pairs, numbered from 1; null: each student "
+        "layer with the teacher layer it was copied from.",
+    )
+
+
+class SRRDConfig(Section):
+    """Softmax-regression representation distillation (Yang et al. 2021): the student's
+    projected feature through the teacher's frozen classifier head, matched to the teacher's
+    logits, plus matching the feature itself."""
+
+    weight: float = Field(0.0, ge=0, description="Weight of the whole term (0: off).")
+    feature_weight: float = Field(
+        1.0, ge=0, description="Within the term: weight of the feature MSE beside the KL of "
+        "the teacher's head on the student's feature.")
+    temperature: float = Field(1.0, gt=0, description="Of that KL.")
+    projection: Projection = Field("linear", description=PROJECTION_HELP)
 
 
 class EMAConfig(Section):
@@ -310,6 +341,8 @@ class DistillConfig(Section):
     feature: FeatureLossConfig = FeatureLossConfig()
     crd: CRDConfig = CRDConfig()
     hidden: HiddenLossConfig = HiddenLossConfig()
+    attention: AttentionLossConfig = AttentionLossConfig()
+    srrd: SRRDConfig = SRRDConfig()
     ema: EMAConfig = EMAConfig()
     num_threads: int | None = Field(None, ge=1)
 

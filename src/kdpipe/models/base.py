@@ -17,6 +17,7 @@ from typing import Any, ClassVar, NamedTuple
 from torch import Tensor, nn
 
 from kdpipe.config import StudentConfig
+from kdpipe.errors import KdpipeError
 
 
 class StudentOutput(NamedTuple):
@@ -24,12 +25,14 @@ class StudentOutput(NamedTuple):
 
     logits: (B, num_labels). features: (B, feature_dim), the pooled vector the classifier
     reads (feature alignment, CRD). hidden_states: (embeddings, layer 1, …, layer N), each
-    (B, L, hidden_size), for the transformer student; None for the others.
+    (B, L, hidden_size), for the transformer student; None for the others. attentions: per
+    layer (B, heads, L, L), when asked for with ``return_attentions``; else None.
     """
 
     logits: Tensor
     features: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
 
 
 class Student(nn.Module):
@@ -93,6 +96,13 @@ class Student(nn.Module):
         (``kdpipe.training.trained_rows``). By default the word embedding alone, named
         ``"embedding"`` (``get_input_embeddings``)."""
         return {"embedding": token_ids}
+
+    # ---- attention transfer
+
+    def return_attentions(self, on: bool) -> None:
+        """From now on, also return the attention maps (``StudentOutput.attentions``)."""
+        raise KdpipeError(f"student.arch {self.arch!r} has no attention maps; attention "
+                          "transfer needs student.arch=transformer")
 
     # ---- structured pruning
 

@@ -87,11 +87,20 @@ class TinyTransformer(Student):
         super().__init__()
         self.model = BertForSequenceClassification(config)
         self.hidden_size = self.feature_dim = config.hidden_size
+        self.attentions = False
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> StudentOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         output_hidden_states=True)
-        return StudentOutput(out.logits, out.hidden_states[-1][:, 0], out.hidden_states)
+                         output_hidden_states=True, output_attentions=self.attentions)
+        return StudentOutput(out.logits, out.hidden_states[-1][:, 0], out.hidden_states,
+                             out.attentions if self.attentions else None)
+
+    def return_attentions(self, on: bool) -> None:
+        """Attention maps need the eager attention: the fused kernels do not make them. (A
+        saved student is rebuilt without either, so export and serving keep the fast path.)"""
+        if on:
+            self.model.set_attn_implementation("eager")
+        self.attentions = on
 
 
     def init_from_teacher(self, teacher_dir: Path) -> None:

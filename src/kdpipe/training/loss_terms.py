@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,64 @@ class Batch:
     teacher_logits: Tensor
     teacher_features: Tensor | None
     weights: Tensor
+
+
+class ScaledMLP(nn.Module):
+    """Adaptive projection: ``scale * W2 relu(W1 x + b1) + b2``, hidden width = output width,
+    ``scale`` a learned scalar starting at 1 (it lets the term settle the projection's
+    magnitude apart from its direction)."""
+
+    def __init__(self, width_in: int, width_out: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width_in, width_out), nn.ReLU(),
+                                 nn.Linear(width_out, width_out))
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * self.net(x)
+
+
+def projection(kind: str, width_in: int, width_out: int) -> nn.Module:
+    """The student-to-teacher feature map of ``distill.feature.projection`` (or srrd's)."""
+    if kind == "linear":
+        return nn.Linear(width_in, width_out)
+    if kind == "mlp":
+        return ScaledMLP(width_in, width_out)
+    raise ValueError(f"projection: expected 'linear' or 'mlp', got {kind!r}")
+
+
+class TeacherAlongside:
+    """The fine-tuned teacher's encoder, frozen, run on each training batch for the terms
+    that match its layers (hidden states, attention maps). Built once per training run and
+    shared by those terms: its outputs for the last batch are kept, so two terms on the same
+    batch run it once."""
+
+    def __init__(self, teacher_dir: Path, attentions: bool) -> None:
+        from transformers import AutoModel
+
+        from kdpipe.models.teacher import quiet_transformers
+
+        # Attention maps need the eager implementation: the fused (SDPA) kernels never
+        # materialise them.
+        extra = {"attn_implementation": "eager"} if attentions else {}
+        with quiet_transformers():
+            model = AutoModel.from_pretrained(teacher_dir, **extra).eval()
+        model.requires_grad_(False)
+        self.model, self.attentions = model, attentions  # frozen: not trained nor saved
+        self._last: tuple[Batch, Any] | None = None
+
+    def outputs(self, b: Batch) -> Any:
+        """The encoder's outputs for ``b``, with hidden states (and attention maps)."""
+        if self._last is None or self._last[0] is not b:
+            with torch.inference_mode():
+                out = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                 output_hidden_states=True, output_attentions=self.attentions)
+            # inference tensors cannot enter autograd: plain copies
+            out.hidden_states = tuple(h.clone() for h in out.hidden_states)
+            if self.attentions:
+                out.attentions = tuple(a.clone() for a in out.attentions)
+            self._last = (b, out)
+        return self._last[1]
 
 
 @dataclass(frozen=True)
@@ -78,11 +136,14 @@ class LossTerm:
     ``heads``: its learned projections, trained and checkpointed with the student (names
     unique across terms). ``__call__``: the term's value on a batch (unweighted).
     ``after_step``: called after every optimizer step, whether or not the term is on that
-    epoch.
+    epoch. ``needs_teacher_alongside``: the term reads ``self.alongside``, the teacher run on
+    the batch (shared between such terms).
     """
 
     name: ClassVar[str]
     needs_teacher_features: ClassVar[bool] = False
+    needs_teacher_alongside: ClassVar[bool] = False
+    alongside: TeacherAlongside  # set by build_terms when needs_teacher_alongside
 
     @classmethod
     def weight(cls, d: DistillConfig) -> float:
@@ -124,8 +185,16 @@ def build_terms(names: Iterable[str], d: DistillConfig, student: Student,
     if needing and not teacher_width:
         raise KdpipeError(f"distill: {'/'.join(needing)} loss needs the teacher's features; "
                           "set soft_labels.features=true")
-    return {name: kind(d, student, teacher_width, teacher_dir)
-            for name, kind in TERMS.items() if name in wanted}
+    terms = {name: kind(d, student, teacher_width, teacher_dir)
+             for name, kind in TERMS.items() if name in wanted}
+    alongside = [t for t in terms.values() if t.needs_teacher_alongside]
+    if alongside:
+        if teacher_dir is None:
+            raise ValueError(f"loss terms {[t.name for t in alongside]} need teacher_dir")
+        shared = TeacherAlongside(teacher_dir, attentions=Attention.name in terms)
+        for t in alongside:
+            t.alongside = shared
+    return terms
 
 
 @term
@@ -183,7 +252,8 @@ class Feature(LossTerm):
     def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
                  teacher_dir: Path | None) -> None:
         super().__init__(d, student, teacher_width, teacher_dir)
-        self.heads = {"feature": nn.Linear(student.feature_dim, teacher_width)}
+        self.heads = {"feature": projection(d.feature.projection, student.feature_dim,
+                                            teacher_width)}
 
     def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
         return losses.feature_alignment(self.heads["feature"](out.features),
@@ -220,12 +290,23 @@ class CRD(LossTerm):
         return value
 
 
+def transformer_layers(student: Student, setting: str) -> list[int]:
+    """The teacher layers (0-based) the transformer student's layers were copied from; an
+    error naming ``setting`` for any other student (they have no layers to match)."""
+    record = getattr(student, "student_record", {})
+    if "teacher_layers" not in record:
+        raise KdpipeError(f"{setting} > 0 needs student.arch=transformer (only it has layers "
+                          "to match)")
+    return list(record["teacher_layers"])
+
+
 @term
 class Hidden(LossTerm):
     """Layer-to-layer MSE with the teacher run alongside (``distill.hidden``; the
     transformer student only: the others have no layers to match)."""
 
     name = "hidden"
+    needs_teacher_alongside = True
 
     @classmethod
     def weight(cls, d: DistillConfig) -> float:
@@ -233,31 +314,70 @@ class Hidden(LossTerm):
 
     def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
                  teacher_dir: Path | None) -> None:
-        from transformers import AutoModel
-
-        from kdpipe.models.teacher import quiet_transformers
-
         super().__init__(d, student, teacher_width, teacher_dir)
-        record = getattr(student, "student_record", {})
-        if "teacher_layers" not in record:
-            raise KdpipeError("distill.hidden.weight > 0 needs student.arch=transformer "
-                              "(only it has layers to match)")
-        pairs = d.hidden.layer_pairs or [
-            (i + 1, layer + 1) for i, layer in enumerate(record["teacher_layers"])]
+        layers = transformer_layers(student, "distill.hidden.weight")
+        pairs = d.hidden.layer_pairs or [(i + 1, layer + 1) for i, layer in enumerate(layers)]
         self.layer_pairs = [tuple(p) for p in pairs]
-        with quiet_transformers():
-            teacher = AutoModel.from_pretrained(teacher_dir).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher = teacher  # frozen: neither trained nor checkpointed
 
     def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
-        with torch.inference_mode():
-            teacher = self.teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                   output_hidden_states=True).hidden_states
-        teacher = [h.clone() for h in teacher]  # inference tensors cannot enter autograd
-        return losses.hidden_mse(out.hidden_states, teacher, self.layer_pairs,
-                                 mask=b.attention_mask)
+        return losses.hidden_mse(out.hidden_states, self.alongside.outputs(b).hidden_states,
+                                 self.layer_pairs, mask=b.attention_mask, weights=b.weights)
+
+
+@term
+class Attention(LossTerm):
+    """Attention transfer (``distill.attention``; TinyBERT): the transformer student's
+    attention maps against the teacher's, run alongside, layer pair by layer pair."""
+
+    name = "attention"
+    needs_teacher_alongside = True
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        return d.attention.weight
+
+    def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
+                 teacher_dir: Path | None) -> None:
+        super().__init__(d, student, teacher_width, teacher_dir)
+        layers = transformer_layers(student, "distill.attention.weight")
+        pairs = d.attention.layer_pairs or [(i + 1, layer + 1)
+                                            for i, layer in enumerate(layers)]
+        self.layer_pairs = [tuple(p) for p in pairs]
+        student.return_attentions(True)
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        return losses.attention_mse(out.attentions, self.alongside.outputs(b).attentions,
+                                    self.layer_pairs, mask=b.attention_mask, weights=b.weights)
+
+
+@term
+class SRRD(LossTerm):
+    """Softmax-regression representation distillation (``distill.srrd``): the student's
+    feature, projected to the teacher's width, through the teacher's frozen classifier head
+    against the teacher's logits, plus the feature MSE (``losses.srrd``)."""
+
+    name = "srrd"
+    needs_teacher_features = True
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        return d.srrd.weight
+
+    def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
+                 teacher_dir: Path | None) -> None:
+        from kdpipe.models.teacher_head import classifier_head
+
+        super().__init__(d, student, teacher_width, teacher_dir)
+        if teacher_dir is None:
+            raise ValueError("srrd needs teacher_dir (the teacher's classifier head)")
+        self.heads = {"srrd": projection(d.srrd.projection, student.feature_dim,
+                                         teacher_width)}
+        self.teacher_head = classifier_head(teacher_dir)  # frozen: not trained nor saved
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        return losses.srrd(self.heads["srrd"](out.features), b.teacher_features,
+                           b.teacher_logits, self.teacher_head, self.d.srrd.temperature,
+                           self.d.srrd.feature_weight, b.weights)
 
 
 @term

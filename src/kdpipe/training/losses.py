@@ -209,8 +209,8 @@ def hidden_mse(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor
                          f"got {len(projections)}")
     total = None
     for k, (i, j) in enumerate(layer_pairs):
-        s = _layer(student_hidden, i, "student")
-        t = _layer(teacher_hidden, j, "teacher")
+        s = _layer(student_hidden, i, "student hidden state")
+        t = _layer(teacher_hidden, j, "teacher hidden state")
         proj = projections[k] if projections is not None else None
         if proj is not None:
             s = proj(s)
@@ -226,6 +226,63 @@ def hidden_mse(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor
         term = (err * token_weight).sum() / token_weight.sum().clamp_min(_tiny(err))
         total = term if total is None else total + term
     return total / len(layer_pairs)
+
+
+def attention_mse(student_attentions: Sequence[Tensor], teacher_attentions: Sequence[Tensor],
+                  layer_pairs: Sequence[tuple[int, int]], mask: Tensor | None = None,
+                  weights: Tensor | None = None) -> Tensor:
+    """Attention transfer (TinyBERT, Jiao et al. 2020): attention maps against the teacher's.
+
+    student_attentions: per layer (B, Hs, L, L), index 0 = layer 1 (as transformers returns
+    ``attentions``); teacher_attentions: the same with Ht heads. layer_pairs: (i, j), student
+    layer i against teacher layer j, both from 1 (the numbering of ``hidden_mse``, whose state i
+    is layer i's output). Where Hs != Ht both sides are averaged over their heads first. mask:
+    (B, L), 1 for real tokens: only entries whose query and key are both real count. For each
+    pair, the (row-``weights``-weighted) mean of ``(a_s - a_t)^2`` over those entries and the
+    heads; the result is the mean over pairs. Probabilities, not TinyBERT's raw scores: they
+    are what both models expose, and a padded key's score is -inf-like in one and not the other.
+    """
+    if not layer_pairs:
+        raise ValueError("layer_pairs: at least one (student, teacher) pair is needed")
+    total = None
+    for i, j in layer_pairs:
+        s = _layer(student_attentions, i, "student attention layer", first=1)
+        t = _layer(teacher_attentions, j, "teacher attention layer", first=1)
+        if s.shape[1] != t.shape[1]:
+            s, t = s.mean(dim=1, keepdim=True), t.mean(dim=1, keepdim=True)
+        if s.shape != t.shape:
+            raise ValueError(f"pair ({i}, {j}): student attention {tuple(s.shape)} does not "
+                             f"match the teacher's {tuple(t.shape)}")
+        batch, _, length, _ = s.shape
+        real = (torch.ones(batch, length, dtype=s.dtype, device=s.device) if mask is None
+                else mask.to(s))
+        entry = real[:, :, None] * real[:, None, :]  # (B, L, L): query and key both real
+        if weights is not None:
+            entry = entry * weights.to(s)[:, None, None]
+        err = (s - t).pow(2).mean(dim=1)  # (B, L, L), mean over heads
+        term = (err * entry).sum() / entry.sum().clamp_min(_tiny(err))
+        total = term if total is None else total + term
+    return total / len(layer_pairs)
+
+
+def srrd(student_projected: Tensor, teacher_features: Tensor, teacher_logits: Tensor,
+         teacher_head: nn.Module, temperature: float, feature_weight: float,
+         weights: Tensor | None = None) -> Tensor:
+    """Softmax-regression representation distillation (Yang et al., ICLR 2021).
+
+    student_projected: (B, D), the student's feature already mapped to the teacher's width;
+    teacher_features: (B, D), the teacher's [CLS] features; teacher_logits: (B, C);
+    teacher_head: the teacher's frozen classifier, (B, D) -> (B, C). Returns
+    ``kd_kl(teacher_head(s), teacher_logits, T) + feature_weight * mse(s, t)``: the student's
+    feature must make the teacher's own classifier say what the teacher said (the
+    softmax-regression term), and lie near the teacher's feature (feature matching).
+    Gradients reach ``student_projected`` (and the projection) only; freeze the head.
+    """
+    regression = kd_kl(teacher_head(student_projected), teacher_logits, temperature, weights)
+    if feature_weight == 0:
+        return regression
+    return regression + feature_weight * feature_alignment(student_projected, teacher_features,
+                                                           "mse", weights)
 
 
 # ---------------------------------------------------------------- EMA self-distillation
@@ -284,11 +341,13 @@ def _same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
                          "the same shape")
 
 
-def _layer(states: Sequence[Tensor], index: int, who: str) -> Tensor:
-    if not 0 <= index < len(states):
-        raise ValueError(f"{who} hidden state {index} does not exist (0..{len(states) - 1}; "
-                         "0 is the embeddings)")
-    return states[index]
+def _layer(states: Sequence[Tensor], number: int, who: str, first: int = 0) -> Tensor:
+    """``states[number - first]``: layers are numbered from ``first`` (hidden states from 0,
+    the embeddings; attention maps from 1)."""
+    if not first <= number < len(states) + first:
+        raise ValueError(f"{who} {number} does not exist ({first}..{len(states) - 1 + first}"
+                         f"{'; 0 is the embeddings' if first == 0 else ''})")
+    return states[number - first]
 
 
 def _paired(ema_items: Iterable[tuple[str, Tensor]], model_items: Iterable[tuple[str, Tensor]],

@@ -116,6 +116,11 @@ def test_a_small_transfer_set_gets_epochs_until_min_steps(pipeline_dir, tmp_path
     ({"hard_label_epochs": 1, "temperature_end": 1.0}, {"hard_ce", "kd"}),
     ({"student": {"arch": "bilstm"}, "fractionate": {"strategy": "dynamic"}}, {"kd"}),
     ({"student": {"arch": "transformer"}, "hidden": {"weight": 1.0}}, {"kd", "hidden"}),
+    ({"student": {"arch": "transformer"}, "attention": {"weight": 1.0},
+      "hidden": {"weight": 0.5}}, {"kd", "attention", "hidden"}),
+    ({"srrd": {"weight": 0.5, "projection": "mlp"}}, {"kd", "srrd"}),
+    ({"student": {"arch": "bilstm"}, "feature": {"weight": 0.5, "projection": "mlp"}},
+     {"kd", "feature"}),
     ({"student": {"arch": "fast"}, "feature": {"weight": 0.5}}, {"kd", "feature"}),
 ])
 def test_every_loss_term_and_student_trains(pipeline_dir, tmp_path, settings, terms):
@@ -211,7 +216,8 @@ def _stop_at_evaluation(n):
     {"student": {"arch": "bilstm"}, "crd": {"weight": 0.1, "negatives": "memory_bank"},
      "early_stopping_patience": 1},
     {"student": {"arch": "fast", "fast": {"buckets": 256}}},
-], ids=["textcnn+ema+feature", "bilstm+crd-bank", "fast"])
+    {"srrd": {"weight": 0.5, "projection": "mlp"}},
+], ids=["textcnn+ema+feature", "bilstm+crd-bank", "fast", "srrd-mlp"])
 def test_interrupted_distillation_resumes_to_the_same_student(pipeline_dir, tmp_path, settings):
     cfg, fractions = _config(pipeline_dir, tmp_path, **json.loads(json.dumps(settings)))
     p = cfg.paths
