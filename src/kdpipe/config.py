@@ -77,6 +77,12 @@ class DataConfig(Section):
         None, description="Names for integer labels 0..K-1 (e.g. [negative, positive])."
     )
     splits: SplitNames = SplitNames()
+    unlabeled: str | None = Field(
+        None, description="In-domain texts without labels as extra transfer data: a file "
+        "(CSV/TSV/JSONL/Parquet with data.text_column), a folder of such files, or a URI as "
+        "for source. The teacher labels them; the student learns them by KD alone. Texts "
+        "also in train, validation or test are dropped.",
+    )
 
 
 class NormalizeConfig(Section):
@@ -307,6 +313,8 @@ class FractionateConfig(Section):
     )
     schedule_by: Literal["entropy", "margin", "random"] = "entropy"
     include_augmented: bool = Field(True, description="Select from augmented texts too.")
+    include_unlabeled: bool = Field(
+        True, description="Select from the texts of data.unlabeled too (when it is set).")
 
 
 class DistillConfig(Section):

@@ -82,6 +82,9 @@ class Step:
                         checkpoint_dir=paths.checkpoints / self.name if self.resumable else None)
 
 
+# Which texts beyond train the transfer set holds (kdpipe.steps.soft_labels.transfer_parts).
+TRANSFER_PARTS = ("fractionate.include_augmented", "fractionate.include_unlabeled")
+
 STEPS: tuple[Step, ...] = (
     Step("ingest", "Read, check and split the data; write Parquet splits and a data card.",
          inputs={}, output="prepared",
@@ -102,13 +105,15 @@ STEPS: tuple[Step, ...] = (
     Step("distill", "Train the student from the teacher's soft labels; keep the best.",
          inputs={"prepared_dir": "prepared", "soft_labels_dir": "soft_labels",
                  "fractions_dir": "fractions", "teacher_dir": "teacher"},
-         output="student", settings=("seed", "ingest.max_length", "fractionate.include_augmented",
+         output="student", settings=("seed", "ingest.max_length", *TRANSFER_PARTS,
                                      "student", "distill"), resumable=True),
     Step("prune", "Shrink the student: vocabulary, channels/heads, magnitude; report.",
          inputs={"student_dir": "student", "prepared_dir": "prepared",
                  "soft_labels_dir": "soft_labels"},
-         # distill: the optional fine-tune after pruning reuses the distillation settings.
-         output="pruned", settings=("seed", "ingest.max_length", "prune", "distill")),
+         # distill: the optional fine-tune after pruning reuses the distillation settings;
+         # the transfer set's parts: its kept vocabulary is that of train and unlabeled texts.
+         output="pruned", settings=("seed", "ingest.max_length", *TRANSFER_PARTS, "prune",
+                                    "distill")),
     Step("export", "Export the pruned student to ONNX with its tokenizer; check parity.",
          inputs={"model_dir": "pruned", "prepared_dir": "prepared"}, output="exported",
          settings=("ingest.max_length", "export")),

@@ -103,15 +103,26 @@ def _settings(cfg: Config, step: Step) -> dict[str, Any]:
 
 def source_fingerprint(cfg: Config) -> str | None:
     """What ingest reads, when it can be checked cheaply: the demo of this kdpipe version, or
-    a local file or folder (names, sizes, modification times). None for a DVC repo, a URI
-    or a Hugging Face data set: ingest then always re-runs (its output, if unchanged, keeps
-    every later step up to date)."""
+    a local file or folder (names, sizes, modification times), and the same of
+    ``data.unlabeled`` when set. None for a DVC repo, a URI or a Hugging Face data set:
+    ingest then always re-runs (its output, if unchanged, keeps every later step up to
+    date)."""
     if cfg.data.repo:
         return None
-    if cfg.data.source == "demo":
-        return f"demo {__version__}"
-    path = Path(cfg.data.source).expanduser()
-    if "://" in cfg.data.source or not path.exists():
+    labelled = (f"demo {__version__}" if cfg.data.source == "demo"
+                else _files_fingerprint(cfg.data.source))
+    if cfg.data.unlabeled is None or labelled is None:
+        return labelled
+    unlabeled = _files_fingerprint(cfg.data.unlabeled)
+    return None if unlabeled is None else hashlib.sha256(
+        f"{labelled}\0{unlabeled}".encode()).hexdigest()
+
+
+def _files_fingerprint(where: str) -> str | None:
+    """Names, sizes and modification times of a local file or folder's files; None for a
+    URI or a path that does not exist."""
+    path = Path(where).expanduser()
+    if "://" in where or not path.exists():
         return None
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
@@ -225,7 +236,8 @@ def stale(cfg: Config, step: Step) -> str | None:
         if source is None:
             return f"it reads {cfg.data.repo or cfg.data.source}, which may have changed"
         if source != record.get("source"):
-            return f"{cfg.data.source} changed"
+            also = f" or {cfg.data.unlabeled}" if cfg.data.unlabeled else ""
+            return f"{cfg.data.source}{also} changed"
     for folder in step.folders:
         if current_hash(paths, folder) != (record.get("inputs") or {}).get(folder):
             return f"{getattr(paths, folder)} has changed since it ran"

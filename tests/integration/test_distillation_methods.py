@@ -1,7 +1,8 @@
 """`kdpipe run` on the fixture with the distillation methods that need more than the cached
-logits all on at once (attention transfer, hidden-state matching, SRRD and feature alignment,
-both through the adaptive MLP projection): each term is trained and logged, and the student
-they made goes through prune, export, quantize and evaluate like any other."""
+logits all on at once (unlabeled in-domain texts as transfer data; attention transfer,
+hidden-state matching, SRRD and feature alignment, both through the adaptive MLP
+projection): the texts are labelled and learned, each term is trained and logged, and the
+student they made goes through prune, export, quantize and evaluate like any other."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ import os
 import subprocess
 import sys
 
+from conftest import separable_rows, write_csv
 
-def test_attention_srrd_and_mlp_projections_run_through_every_step(tmp_path, tiny_bert,
-                                                                    separable_csv):
+
+def test_unlabeled_texts_attention_srrd_and_mlp_projections_run_through_every_step(
+        tmp_path, tiny_bert, separable_csv):
     work = tmp_path / "work"
+    # New texts (other seed and numbering), one repeated and one that is also a train text.
+    fresh = [(text.replace(" ", " really ", 1),) for text, _ in separable_rows(60, seed=7)]
+    unlabeled = write_csv(tmp_path / "unlabeled.csv", fresh + [fresh[0], (
+        separable_rows(200)[0][0],)], header="text")
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
            "COLUMNS": "200"}
     settings = [f"teacher.checkpoint={tiny_bert}", f"work_dir={work}",
-                f"data.source={separable_csv}", f"soft_labels.cache_dir={tmp_path / 'cache'}",
+                f"data.source={separable_csv}", f"data.unlabeled={unlabeled}",
+                f"soft_labels.cache_dir={tmp_path / 'cache'}",
                 "tracking.enabled=false", "teacher.epochs=8", "teacher.lr=3e-3",
                 "teacher.early_stopping_patience=null", "student.arch=transformer",
                 "student.transformer.teacher_layers=[1]", "distill.min_steps=0",
@@ -29,6 +37,16 @@ def test_attention_srrd_and_mlp_projections_run_through_every_step(tmp_path, tin
         [sys.executable, "-m", "kdpipe", "run", *[w for s in settings for w in ("-S", s)]],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+
+    card = json.loads((work / "prepared" / "data_card.json").read_text())
+    dropped = card["unlabeled"]["dropped"]
+    assert card["unlabeled"]["rows_read"] == 62 and dropped["repeated"] == 1
+    assert dropped["in_train"] + dropped["in_validation"] + dropped["in_test"] == 1
+    kept = card["unlabeled"]["rows"]
+    assert kept == 60
+    assert f"+ {kept} unlabeled" in run.stderr
+    fractions = json.loads((work / "fractions" / "report.json").read_text())
+    assert fractions["rows"]["unlabeled"] == kept == fractions["per_epoch"][0]["unlabeled_kept"]
 
     report = json.loads((work / "student" / "distill.json").read_text())
     seen = set().union(*(set(point) - {"step", "total"} for point in report["loss"]))

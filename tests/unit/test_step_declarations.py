@@ -123,7 +123,7 @@ def test_a_task_gets_its_declared_settings_only():
     picked = subset(cfg, step_named("distill").settings)
     assert list(picked) == ["seed", "ingest", "fractionate", "student", "distill"]
     assert picked["ingest"] == {"max_length": cfg.ingest.max_length}
-    assert picked["fractionate"] == {"include_augmented": True}
+    assert picked["fractionate"] == {"include_augmented": True, "include_unlabeled": True}
     assert "teacher" not in picked and picked["distill"]["lr"] == 0.01
 
 

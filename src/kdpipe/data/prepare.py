@@ -22,6 +22,7 @@ from kdpipe.data.readers import RawSplit
 from kdpipe.errors import DataError
 
 SPLITS = ("train", "validation", "test")
+UNLABELED = "unlabeled"  # prepared/unlabeled.parquet: data.unlabeled's texts, label -1
 _MISSING_LABELS = {"", "nan", "none", "null", "na", "n/a"}
 _INTEGER = re.compile(r"-?\d+")
 
@@ -39,16 +40,22 @@ class Prepared:
     splits: dict[str, Split]
     label_names: list[str]
     report: dict[str, Any] = field(default_factory=dict)
+    unlabeled: list[str] = field(default_factory=list)  # data.unlabeled, checked and deduplicated
 
     def content_hash(self) -> str:
-        """sha256 of the label names and every (split, text, label): independent of how
-        the files are encoded, so the same data always gets the same hash."""
+        """sha256 of the label names, every (split, text, label) and the unlabeled texts:
+        independent of how the files are encoded, so the same data always gets the same hash
+        (and data without unlabeled texts the hash it had before they existed)."""
         digest = hashlib.sha256(json.dumps(self.label_names).encode())
         for name in SPLITS:
             split = self.splits[name]
             digest.update(f"\x00{name}\x00{len(split.texts)}".encode())
             for text, label in zip(split.texts, split.labels, strict=True):
                 digest.update(json.dumps([text, label], ensure_ascii=False).encode())
+        if self.unlabeled:
+            digest.update(f"\x00{UNLABELED}\x00{len(self.unlabeled)}".encode())
+            for text in self.unlabeled:
+                digest.update(json.dumps(text, ensure_ascii=False).encode())
         return digest.hexdigest()
 
 
@@ -71,6 +78,33 @@ def prepare(raw: dict[str, RawSplit], cfg: IngestConfig, seed: int,
             origin = raw[name].origin if name in raw else f"{name} split"
             raise DataError(f"{origin}: no rows left in the {name} split")
     return Prepared(splits, vocabulary, report)
+
+
+def prepare_unlabeled(raw: RawSplit, cfg: NormalizeConfig,
+                      splits: dict[str, Split]) -> tuple[list[str], dict[str, Any]]:
+    """``raw``'s texts checked and normalised as the labelled ones are, without repeats and
+    without any text of train, validation or test: a text under evaluation must not reach
+    the student through the back door, and one in train has its gold label already. Returns
+    the texts kept (first occurrence order) and how many went for each reason."""
+    texts = clean_texts(raw, cfg)
+    held = {name: set(splits[name].texts) for name in SPLITS}
+    seen: set[str] = set()
+    kept: list[str] = []
+    dropped = {"repeated": 0, **{f"in_{name}": 0 for name in SPLITS}}
+    for text in texts:
+        where = next((name for name in ("validation", "test", "train") if text in held[name]),
+                     None)
+        if where is not None:
+            dropped[f"in_{where}"] += 1
+        elif text in seen:
+            dropped["repeated"] += 1
+        else:
+            seen.add(text)
+            kept.append(text)
+    if not kept:
+        raise DataError(f"{raw.origin}: no unlabeled text left after dropping repeats and "
+                        f"texts of train/validation/test ({dropped}) (data.unlabeled)")
+    return kept, {"rows_read": len(texts), "rows": len(kept), "dropped": dropped}
 
 
 def normalize(text: str, cfg: NormalizeConfig) -> str:

@@ -41,7 +41,7 @@ class RawSplit:
     origin: str
     texts: list[Any]
     labels: list[Any]
-    rows: list[int] = field(default_factory=list)
+    rows: list[int | str] = field(default_factory=list)  # str: "file:row" in a folder
     label_names: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -57,15 +57,17 @@ def file_format(path: Path) -> str:
     return fmt
 
 
-def read_file(path: Path, text_column: str, label_column: str) -> RawSplit:
-    """Read ``path`` by its extension; the two named columns must exist."""
+def read_file(path: Path, text_column: str, label_column: str | None) -> RawSplit:
+    """Read ``path`` by its extension; the named columns must exist. ``label_column`` None:
+    texts without labels (every label None)."""
     fmt = file_format(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    wanted = (text_column,) if label_column is None else (text_column, label_column)
     read_as = ""
     if fmt in _USUAL_DELIMITER:
         text = _decode(path)
-        delimiter = _delimiter(path, text, fmt, (text_column, label_column))
+        delimiter = _delimiter(path, text, fmt, wanted)
         columns = _read_delimited(path, text, delimiter)
         if delimiter != _USUAL_DELIMITER[fmt]:
             read_as = f"; read as {DELIMITERS[delimiter]}-separated"
@@ -73,17 +75,19 @@ def read_file(path: Path, text_column: str, label_column: str) -> RawSplit:
         columns = _read_jsonl(path)
     else:
         columns = _read_parquet(path)
-    for name, option in ((text_column, "text_column"), (label_column, "label_column")):
+    for name, option in zip(wanted, ("text_column", "label_column"), strict=False):
         if name not in columns:
             have = ", ".join(map(str, columns)) or "none"
             raise DataError(
                 f"{path}: no column {name!r} (columns: {have}{read_as}); "
                 f"set -S data.{option}=NAME"
             )
-    return RawSplit(str(path), columns[text_column], columns[label_column])
+    texts = columns[text_column]
+    labels = columns[label_column] if label_column is not None else [None] * len(texts)
+    return RawSplit(str(path), texts, labels)
 
 
-def _delimiter(path: Path, text: str, fmt: str, wanted: tuple[str, str]) -> str:
+def _delimiter(path: Path, text: str, fmt: str, wanted: tuple[str, ...]) -> str:
     """The delimiter to read ``text`` with: the extension's, unless the header is one column
     at it and names the ``wanted`` columns at another (tab, comma, ``;``, ``|``): then that
     one, with a one-line notice.

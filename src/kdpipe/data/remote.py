@@ -56,15 +56,18 @@ def redact(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-def load_remote(cfg: DataConfig, read_local: Callable[[Path, DataConfig], Source]) -> Source:
+def load_remote(cfg: DataConfig, read_local: Callable[[Path, DataConfig], Source],
+                every_file: bool = False) -> Source:
     """Download what ``cfg.source`` names and read it with ``read_local``; provenance lists
-    each object's path, size, ETag and version id (where the store keeps versions)."""
+    each object's path, size, ETag and version id (where the store keeps versions). Of a
+    prefix, the split files only, or with ``every_file`` each file of a known format."""
     shown = redact(cfg.source)
     scheme = urlsplit(cfg.source).scheme.lower()
     fs, path = _filesystem(cfg.source, scheme, shown)
     with tempfile.TemporaryDirectory(prefix="kdpipe-remote-") as tmp:
         try:
-            local, names, objects = _download(fs, path, scheme, Path(tmp), cfg, shown)
+            local, names, objects = _download(fs, path, scheme, Path(tmp), cfg, shown,
+                                              every_file)
         except DataError:
             raise
         except Exception as exc:  # s3fs, gcsfs, aiohttp and botocore each raise their own types
@@ -123,7 +126,8 @@ def _s3_endpoint() -> str | None:
 
 
 def _download(fs: Any, path: str, scheme: str, dest: Path, cfg: DataConfig,
-              shown: str) -> tuple[Path, dict[str, str], list[dict[str, Any]]]:
+              shown: str, every_file: bool = False,
+              ) -> tuple[Path, dict[str, str], list[dict[str, Any]]]:
     """Copy the file, or the split files under the prefix, into ``dest``.
 
     Returns the local path to read, {local path: URI shown to the user}, and provenance."""
@@ -140,7 +144,8 @@ def _download(fs: Any, path: str, scheme: str, dest: Path, cfg: DataConfig,
         return local, {str(local): shown}, [_describe(info, scheme)]
     # Only the split files: a prefix may hold much else, and _load_path looks at nothing more.
     # An empty or split-less prefix is reported by read_local ("no train.csv ... file").
-    patterns = [f"{name}.*" for name in cfg.splits.model_dump().values()]  # as _load_path globs
+    patterns = (["*"] if every_file  # as _load_path globs
+                else [f"{name}.*" for name in cfg.splits.model_dump().values()])
     wanted = [
         entry["name"] for entry in fs.ls(path, detail=True)
         if entry.get("type") == "file"

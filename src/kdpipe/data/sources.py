@@ -13,6 +13,7 @@ from typing import Any
 
 from kdpipe.config import DataConfig
 from kdpipe.data import remote
+from kdpipe.data.prepare import UNLABELED
 from kdpipe.data.readers import FORMATS, RawSplit, Source, read_file
 from kdpipe.errors import DataError
 
@@ -49,6 +50,41 @@ def load_source(cfg: DataConfig) -> Source:
     if _HUB_ID.match(cfg.source):
         return _load_hub(cfg)
     raise DataError(f"{cfg.source}: file not found")
+
+
+def load_unlabeled(cfg: DataConfig) -> Source | None:
+    """The texts of ``data.unlabeled`` (a file, a folder of files, or a URI) as the one
+    split ``unlabeled``, labels None; None when it is not set. Read from the local disk or
+    object storage even when ``data.repo`` names a DVC repository for the labelled data."""
+    if cfg.unlabeled is None:
+        return None
+    if remote.is_remote(cfg.unlabeled):
+        where = cfg.model_copy(update={"source": cfg.unlabeled})
+        return remote.load_remote(where, _load_unlabeled_path, every_file=True)
+    path = Path(cfg.unlabeled).expanduser()
+    if not path.exists():
+        raise DataError(f"{cfg.unlabeled}: file not found (data.unlabeled)")
+    source = _load_unlabeled_path(path, cfg)
+    source.provenance = {"kind": "local", "path": str(path.resolve())}
+    return source
+
+
+def _load_unlabeled_path(path: Path, cfg: DataConfig) -> Source:
+    """A file, or every CSV/TSV/JSONL/Parquet file of a folder (and its subfolders, in name
+    order) as one list of texts."""
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
+    if not files:
+        exts = "/".join(e.lstrip(".") for e in FORMATS)
+        raise DataError(f"{path}: no .{{{exts}}} file in this folder (data.unlabeled)")
+    parts = [read_file(file, cfg.text_column, None) for file in files]
+    if len(parts) == 1:
+        return Source({UNLABELED: parts[0]})
+    # One split whose rows still point at their own file: origin names the folder, and an
+    # error about a row names the file through its row label.
+    texts = [text for part in parts for text in part.texts]
+    rows = [f"{Path(part.origin).name}:{row}" for part in parts for row in part.rows]
+    return Source({UNLABELED: RawSplit(str(path), texts, [None] * len(texts), rows)})
 
 
 def _load_path(path: Path, cfg: DataConfig) -> Source:

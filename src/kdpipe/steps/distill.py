@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ class TransferData:
     val_labels: np.ndarray
     label_names: list[str]
     pad_id: int
+    parts: dict[str, int] = field(default_factory=dict)  # rows per part, in order
 
 
 @dataclass
@@ -146,19 +147,28 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
 
 
 def load_transfer(cfg: Config, prepared_dir: Path, soft_labels_dir: Path,
-                  tokenizer: Any, augmented: bool = True) -> TransferData:
-    """Texts (train, + augmented where ``augmented`` and fractionate.include_augmented say
-    so), gold labels (-1 for augmented), teacher outputs, tokenized."""
+                  tokenizer: Any, only: Collection[str] | None = None) -> TransferData:
+    """Texts of the transfer set (``soft_labels.transfer_parts``: train, then augmented and
+    unlabeled where made and included; ``only``: train and just these of them), gold labels
+    (-1 for the texts that have none), teacher outputs, tokenized."""
     arrays = soft_labels.load(soft_labels_dir)
     train = read_split(prepared_dir / "train.parquet")
     texts, labels = list(train.texts), list(train.labels)
     logits, feats = [arrays["train_logits"]], [arrays.get("train_features")]
-    if "augment_logits" in arrays and augmented and cfg.fractionate.include_augmented:
-        variants = soft_labels.load_augment_texts(soft_labels_dir)
-        texts += variants
-        labels += [-1] * len(variants)
-        logits.append(arrays["augment_logits"])
-        feats.append(arrays.get("augment_features"))
+    parts = [name for name in soft_labels.transfer_parts(cfg, arrays)[1:]
+             if only is None or name in only]
+    rows = {"train": len(texts)}
+    for name in parts:
+        extra = (soft_labels.load_augment_texts(soft_labels_dir) if name == soft_labels.AUGMENT
+                 else soft_labels.read_unlabeled(prepared_dir))
+        if len(extra) != len(arrays[f"{name}_logits"]):
+            raise KdpipeError(f"{soft_labels_dir}: {name} soft labels do not match "
+                              f"{prepared_dir}; run `kdpipe soft-labels` again")
+        texts += extra
+        labels += [-1] * len(extra)
+        rows[name] = len(extra)
+        logits.append(arrays[f"{name}_logits"])
+        feats.append(arrays.get(f"{name}_features"))
     if len(arrays["train_logits"]) != len(train.texts):
         raise KdpipeError(f"{soft_labels_dir}: soft labels do not match {prepared_dir}; "
                           "run `kdpipe soft-labels` again")
@@ -170,7 +180,7 @@ def load_transfer(cfg: Config, prepared_dir: Path, soft_labels_dir: Path,
     return TransferData(ids, np.array([len(x) for x in ids]), np.array(labels, np.int64),
                         np.concatenate(logits).astype(np.float32), features, val_ids,
                         np.array(validation.labels, np.int64), read_labels(prepared_dir),
-                        tokenizer.pad_token_id)
+                        tokenizer.pad_token_id, rows)
 
 
 def plan_epochs(cfg: Config, fractions_dir: Path) -> tuple[int, int]:

@@ -3,7 +3,9 @@ weight, per epoch.
 
 The transfer set is the train split (ids ``0 .. N-1``, in the prepared order) followed, when
 ``soft_labels`` made an augmented set and ``fractionate.include_augmented``, by the augmented
-texts (ids ``N .. N+M-1``; id ``N + k`` is row k of ``augment_logits.npy``).
+texts (ids ``N .. N+M-1``; id ``N + k`` is row k of ``augment_logits.npy``), and then, when
+ingest kept texts of ``data.unlabeled`` and ``fractionate.include_unlabeled``, by those
+(``unlabeled_logits.npy``'s rows); see ``soft_labels.transfer_parts``.
 
 Strategies (``fractionate.strategy``), all driven by the teacher's soft labels:
 
@@ -16,8 +18,8 @@ Strategies (``fractionate.strategy``), all driven by the teacher's soft labels:
 - ``dynamic``: per epoch e, the top ``schedule[e]`` of one ranking (``schedule_by``), so the
   epochs' selections are nested prefixes of the same order; the last entry repeats.
 
-A row's class is its gold label for train rows and the teacher's argmax for augmented rows,
-which have no gold label (the teacher's answer is the best label they have).
+A row's class is its gold label for train rows and the teacher's argmax for augmented and
+unlabeled rows, which have no gold label (the teacher's answer is the best label they have).
 
 Ties in a ranking go to the lower id (stable sort by score, then id); a kept count is
 ``max(1, ceil(fraction * n))``; indices are written in ascending order.
@@ -170,13 +172,16 @@ def plan(cfg: FractionateConfig, logits: np.ndarray, labels: np.ndarray, num_cla
 
 @dataclass
 class TransferSet:
-    """The rows to select from: train then (optionally) augmented."""
+    """The rows to select from: train, then (optionally) augmented, then unlabeled."""
 
     logits: np.ndarray  # (n, C) float32
-    labels: np.ndarray  # (n,) int64: gold for train rows, teacher argmax for augmented
-    train_rows: int
-    augmented_rows: int
+    labels: np.ndarray  # (n,) int64: gold for train rows, else the teacher's argmax
+    rows: dict[str, int]  # rows per part, in order (soft_labels.transfer_parts)
     label_names: list[str]
+
+    @property
+    def train_rows(self) -> int:
+        return self.rows["train"]
 
 
 def transfer_set(cfg: Config, soft_labels_dir: Path, prepared_dir: Path) -> TransferSet:
@@ -189,17 +194,17 @@ def transfer_set(cfg: Config, soft_labels_dir: Path, prepared_dir: Path) -> Tran
         raise KdpipeError(
             f"{soft_labels_dir}: train logits {train.shape} do not fit the prepared data "
             f"({len(gold)} rows, {len(names)} classes); run `kdpipe soft-labels` again")
-    parts, labels = [train], [gold]
-    if "augment_logits" in arrays and cfg.fractionate.include_augmented:
-        augment = np.asarray(arrays["augment_logits"], dtype=np.float32)
-        parts.append(augment)
-        labels.append(np.argmax(augment, axis=1).astype(np.int64))
+    parts, labels, rows = [train], [gold], {"train": len(train)}
+    for name in soft_labels.transfer_parts(cfg, arrays)[1:]:
+        extra = np.asarray(arrays[f"{name}_logits"], dtype=np.float32)
+        parts.append(extra)
+        labels.append(np.argmax(extra, axis=1).astype(np.int64))
+        rows[name] = len(extra)
     logits = np.concatenate(parts)
     if not np.isfinite(logits).all():
         raise KdpipeError(f"{soft_labels_dir}: the teacher's logits hold NaN or inf; "
                           "check the teacher and run `kdpipe soft-labels` again")
-    return TransferSet(logits, np.concatenate(labels), len(train), len(logits) - len(train),
-                       names)
+    return TransferSet(logits, np.concatenate(labels), rows, names)
 
 
 def run(cfg: Config, soft_labels_dir: Path, prepared_dir: Path, out_dir: Path) -> StepResult:
@@ -229,12 +234,13 @@ def make_report(cfg: Config, data: TransferSet, epochs: list[tuple[np.ndarray, n
     entropy = teacher_entropy(data.logits)
     before = _histogram(data.labels, data.label_names)
     per_epoch = []
+    ranges = _part_ranges(data.rows)
     for e, (indices, weights) in enumerate(epochs):
         per_epoch.append({
             "epoch": e,
             "kept_fraction": round(len(indices) / len(data.logits), 6),
             "count": len(indices),
-            "augmented_kept": int((indices >= data.train_rows).sum()),
+            **{f"{what}_kept": _kept(indices, ranges.get(name)) for name, what in _EXTRA},
             "class_histogram_before": before,
             "class_histogram_after": _histogram(data.labels[indices], data.label_names),
             "mean_entropy_before": round(float(entropy.mean()), 6),
@@ -246,13 +252,33 @@ def make_report(cfg: Config, data: TransferSet, epochs: list[tuple[np.ndarray, n
         "strategy": settings.strategy,
         "settings": settings.model_dump(mode="json"),
         "seed": cfg.seed,
-        "rows": {"train": data.train_rows, "augmented": data.augmented_rows,
+        "rows": {"train": data.train_rows,
+                 **{what: data.rows.get(name, 0) for name, what in _EXTRA},
                  "total": len(data.logits)},
-        "class_source": "gold label for train rows, teacher argmax for augmented rows",
+        "class_source": "gold label for train rows, teacher argmax for augmented and "
+                        "unlabeled rows",
         "soft_labels_key": soft_labels_key,
         "epochs": len(epochs),
         "per_epoch": per_epoch,
     }
+
+
+# The parts after train, as the report names them (0 rows when absent).
+_EXTRA = ((soft_labels.AUGMENT, "augmented"), (soft_labels.UNLABELED, "unlabeled"))
+
+
+def _part_ranges(rows: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Each part's ids, [start, end), in the transfer set's order."""
+    out, start = {}, 0
+    for name, n in rows.items():
+        out[name] = (start, start + n)
+        start += n
+    return out
+
+
+def _kept(indices: np.ndarray, ids: tuple[int, int] | None) -> int:
+    """How many of ``indices`` fall in ``ids`` ([start, end); None: the part is absent)."""
+    return 0 if ids is None else int(((indices >= ids[0]) & (indices < ids[1])).sum())
 
 
 def epoch_sizes(out_dir: Path) -> list[int]:

@@ -2,7 +2,9 @@
 a data card.
 
 Outputs in ``out_dir``: ``train.parquet``, ``validation.parquet``, ``test.parquet`` (columns
-``text``: str, ``label``: int id), ``labels.json`` (``{"names": [...]}`` in id order) and
+``text``: str, ``label``: int id), ``unlabeled.parquet`` (the texts of ``data.unlabeled``,
+label -1, none repeated nor in the three splits; no rows when it is not set),
+``labels.json`` (``{"names": [...]}`` in id order) and
 ``data_card.json`` (rows per split and class, token-length percentiles with the teacher
 tokenizer, texts longer than ``ingest.max_length`` tokens, duplicates, source provenance, and
 the content hash later steps key on). With ``ingest.truncation: refuse`` a text longer than
@@ -18,9 +20,17 @@ import numpy as np
 
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import MAX_LENGTH_LIMIT, Config
-from kdpipe.data.prepare import SPLITS, Prepared, Split, clean_texts, prepare
+from kdpipe.data.prepare import (
+    SPLITS,
+    UNLABELED,
+    Prepared,
+    Split,
+    clean_texts,
+    prepare,
+    prepare_unlabeled,
+)
 from kdpipe.data.readers import RawSplit
-from kdpipe.data.sources import load_source
+from kdpipe.data.sources import load_source, load_unlabeled
 from kdpipe.errors import DataError
 from kdpipe.models.teacher import load_tokenizer
 from kdpipe.step_result import StepResult
@@ -35,19 +45,30 @@ _CHARS_PER_TOKEN = 12
 
 
 def run(cfg: Config, out_dir: Path) -> StepResult:
-    """Ingest ``cfg.data.source`` into ``out_dir`` (replaced atomically)."""
+    """Ingest ``cfg.data.source`` (and ``data.unlabeled``) into ``out_dir`` (replaced
+    atomically)."""
     source = load_source(cfg.data)
     prepared = prepare(source.splits, cfg.ingest, cfg.seed, cfg.data.label_names)
+    extra = load_unlabeled(cfg.data)
+    raw_unlabeled = extra.splits[UNLABELED] if extra is not None else None
+    if extra is not None:
+        prepared.unlabeled, prepared.report[UNLABELED] = prepare_unlabeled(
+            raw_unlabeled, cfg.ingest.normalize, prepared.splits)
+        prepared.report[UNLABELED]["source"] = extra.provenance
     tokenizer = load_tokenizer(cfg.teacher.checkpoint)
     lengths = token_lengths(prepared, tokenizer, cfg)
-    truncated = {name: lengths[name]["truncated"]["texts"] for name in SPLITS}
+    truncated = {name: lengths[name]["truncated"]["texts"] for name in _text_sets(prepared)}
     if cfg.ingest.truncation == "refuse" and any(truncated.values()):
-        refuse_truncation(source.splits, tokenizer, cfg, sum(truncated.values()))
+        raw = {**source.splits, **({UNLABELED: raw_unlabeled} if raw_unlabeled else {})}
+        refuse_truncation(raw, tokenizer, cfg, sum(truncated.values()))
     card = data_card(prepared, source.provenance, lengths)
     card["normalize"] = cfg.ingest.normalize.model_dump()
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             write_split(prepared.splits[name], tmp / f"{name}.parquet")
+        # Written with no rows when there are none: DVC lists it among ingest's outputs.
+        write_split(Split(prepared.unlabeled, [-1] * len(prepared.unlabeled)),
+                    tmp / f"{UNLABELED}.parquet")
         write_json(tmp / "labels.json", {"names": prepared.label_names})
         write_json(tmp / "data_card.json", card)
     rows = card["rows"]
@@ -55,14 +76,32 @@ def run(cfg: Config, out_dir: Path) -> StepResult:
     metrics["num_classes"] = float(len(prepared.label_names))
     metrics["train_repeated_rows"] = float(card["duplicates"]["train_repeated_rows"])
     metrics.update({f"truncated_{name}": float(n) for name, n in truncated.items()})
+    more = ""
+    if raw_unlabeled is not None:
+        metrics["rows_unlabeled"] = float(len(prepared.unlabeled))
+        report = prepared.report[UNLABELED]
+        gone = report["rows_read"] - report["rows"]
+        more = (f" + {report['rows']:,} unlabeled"
+                + (f" ({gone:,} dropped: {_dropped(report['dropped'])})" if gone else ""))
     summary = (
-        f"{rows['train']:,} / {rows['validation']:,} / {rows['test']:,} rows, "
+        f"{rows['train']:,} / {rows['validation']:,} / {rows['test']:,} rows{more}, "
         f"{len(prepared.label_names)} classes, hash {card['content_hash'][:12]}, "
         f"{truncation_summary(lengths)}"
     )
     return StepResult(
         "ingest", out_dir, metrics, [out_dir / "data_card.json", out_dir / "labels.json"], summary
     )
+
+
+def _text_sets(prepared: Prepared) -> dict[str, list[str]]:
+    """The texts of each split, and the unlabeled ones when there are any."""
+    sets = {name: prepared.splits[name].texts for name in SPLITS}
+    return {**sets, UNLABELED: prepared.unlabeled} if prepared.unlabeled else sets
+
+
+def _dropped(counts: dict[str, int]) -> str:
+    """``"12 repeated, 3 in test"``: the nonzero reasons."""
+    return ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in counts.items() if n)
 
 
 def write_split(split: Split, path: Path) -> None:
@@ -88,8 +127,7 @@ def token_lengths(prepared: Prepared, tokenizer: Any, cfg: Config) -> dict[str, 
         "max_length": max_length,
         "counted_up_to": cap,
     }
-    for name in SPLITS:
-        texts = prepared.splits[name].texts
+    for name, texts in _text_sets(prepared).items():
         lengths = count_tokens(texts, tokenizer, cap)
         over = np.flatnonzero(lengths > max_length).tolist()
         longest = max(over, key=lambda i: (lengths[i], len(texts[i])), default=None)
@@ -137,7 +175,8 @@ def truncation_summary(lengths: dict[str, Any]) -> str:
     """``"2 texts cut at 128 tokens (train 1, test 1; longest 8,192+ tokens, 5,000,000
     chars)"``, or ``"no text over 128 tokens"``."""
     max_length = lengths["max_length"]
-    counts = {name: lengths[name]["truncated"] for name in SPLITS}
+    counts = {name: lengths[name]["truncated"] for name in (*SPLITS, UNLABELED)
+              if name in lengths}
     total = sum(c["texts"] for c in counts.values())
     if not total:
         return f"no text over {max_length} tokens"

@@ -24,6 +24,7 @@ from torch import nn
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.compression import pruning
 from kdpipe.config import Config
+from kdpipe.data.prepare import UNLABELED
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.metrics import accuracy_and_f1
 from kdpipe.models.students import load_student
@@ -52,11 +53,12 @@ def run(cfg: Config, student_dir: Path, prepared_dir: Path, soft_labels_dir: Pat
     start = time.perf_counter()
     p = cfg.prune
     tokenizer = load_student_tokenizer(Path(student_dir))
-    # The augmented texts matter only to the fine-tune (the kept vocabulary is the labelled
-    # texts'); loading SST-2's transfer set took 16.7 s with its 247,092 augmented texts,
-    # 4.2 s without (docs/decisions.md#an-augmented-transfer-set-on-by-default).
+    # The augmented texts matter only to the fine-tune (the kept vocabulary is that of the
+    # real texts: train and unlabeled); loading SST-2's transfer set took 16.7 s with its
+    # 247,092 augmented texts, 4.2 s without
+    # (docs/decisions.md#an-augmented-transfer-set-on-by-default).
     data = distill.load_transfer(cfg, Path(prepared_dir), Path(soft_labels_dir), tokenizer,
-                                 augmented=p.finetune_epochs > 0)
+                                 only=None if p.finetune_epochs > 0 else [UNLABELED])
     model = pruning.PrunedStudent(load_student(Path(student_dir)))
     before = {"params": pruning.parameter_counts(model), "sizes": pruning.structured_sizes(model)}
     accuracy = {"before": val_accuracy(model, data)}
@@ -127,15 +129,18 @@ def load_student_tokenizer(student_dir: Path) -> Any:
 def prune_vocabulary(model: pruning.PrunedStudent, data: distill.TransferData,
                      tokenizer: Any, unseen: str = "own", rank: int = 32,
                      min_fraction: float = 0.0) -> dict[str, Any]:
-    """Keep the ids of the tokenized training texts (truncated at max_length, as distill
-    saw them) plus the special tokens, topped up to ``min_fraction`` of the embedding's
-    rows with ``commonest_missing``; a dropped id reads its own row at rank ``rank``
-    (``unseen="own"``), its nearest kept word (``"nearest"``) or [UNK] (``"unk"``). What was
-    kept, for the report."""
+    """Keep the ids of the tokenized training texts, labelled and unlabeled (truncated at
+    max_length, as distill saw them) plus the special tokens, topped up to ``min_fraction``
+    of the embedding's rows with ``commonest_missing``; a dropped id reads its own row at rank
+    ``rank`` (``unseen="own"``), its nearest kept word (``"nearest"``) or [UNK] (``"unk"``).
+    What was kept, for the report."""
     if tokenizer.unk_token_id is None:
         raise KdpipeError("prune.vocabulary needs a tokenizer with an unknown token to map "
                           "dropped ids to; set -S prune.vocabulary=false")
-    train_ids = [ids for ids, label in zip(data.ids, data.labels, strict=True) if label >= 0]
+    # Real texts only: train and unlabeled, which follow any augmented rows (their variants
+    # hold train's tokens, and [MASK]).
+    unlabeled = data.parts.get(UNLABELED, 0)
+    train_ids = data.ids[:data.parts["train"]] + (data.ids[-unlabeled:] if unlabeled else [])
     special = {*tokenizer.all_special_ids, tokenizer.unk_token_id}
     seen = pruning.kept_token_ids(train_ids, special)
     original = model.student.get_input_embeddings().num_embeddings
@@ -148,7 +153,8 @@ def prune_vocabulary(model: pruning.PrunedStudent, data: distill.TransferData,
                              rank if unseen == "own" else 0)
     return {"original": original, "kept": len(kept), "kept_fraction": len(kept) / original,
             "seen_in_train": len(seen), "added_common": len(added),
-            "train_texts": len(train_ids), "unseen_tokens": unseen,
+            "train_texts": data.parts["train"], "unlabeled_texts": unlabeled,
+            "unseen_tokens": unseen,
             **({"unseen_rank": rank} if unseen == "own" else {})}
 
 

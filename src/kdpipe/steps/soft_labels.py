@@ -11,6 +11,8 @@ Outputs in ``out_dir`` (replaced atomically), rows in each split's original orde
   (+ ``augment_features.npy``),
   ``augment_source.npy`` (int64, the train row each variant came from) and
   ``augment_texts.parquet`` (column ``text``);
+- when ingest kept texts of ``data.unlabeled``: ``unlabeled_logits.npy`` (+
+  ``unlabeled_features.npy``), rows in ``unlabeled.parquet``'s order;
 - ``manifest.json``: cache key and its parts, array shapes, cache hit, seconds, texts/s.
 
 The arrays live in a content-addressed cache (``kdpipe.training.softcache``) keyed by the teacher's
@@ -35,7 +37,7 @@ import numpy as np
 
 from kdpipe.atomic import atomic_dir, write_json
 from kdpipe.config import Config
-from kdpipe.data.prepare import SPLITS, read_labels, read_split
+from kdpipe.data.prepare import SPLITS, UNLABELED, read_labels, read_split
 from kdpipe.errors import KdpipeError
 from kdpipe.models import teacher as teacher_model
 from kdpipe.models.teacher import load_tokenizer
@@ -156,10 +158,14 @@ def label_all(cfg: Config, teacher_dir: Path,
 
 def texts_to_label(cfg: Config, teacher_dir: Path, prepared_dir: Path, tokenizer: Any,
                    ) -> tuple[dict[str, list[str]], dict[str, np.ndarray], dict[str, bytes]]:
-    """The texts of every split (and, when ``soft_labels.augment.enabled``, the augmented
-    set made from train), with the arrays (``augment_source``) and files
-    (``augment_texts.parquet``) that describe the augmented set."""
+    """The texts of every split, the unlabeled ones (when ingest kept any) and, when
+    ``soft_labels.augment.enabled``, the augmented set made from train, with the arrays
+    (``augment_source``) and files (``augment_texts.parquet``) that describe the augmented
+    set."""
     texts = {name: read_split(prepared_dir / f"{name}.parquet").texts for name in SPLITS}
+    unlabeled = read_unlabeled(prepared_dir)
+    if unlabeled:
+        texts[UNLABELED] = unlabeled
     arrays: dict[str, np.ndarray] = {}
     files: dict[str, bytes] = {}
     augment = cfg.soft_labels.augment
@@ -227,6 +233,24 @@ def load(out_dir: Path) -> dict[str, np.ndarray]:
             for name in shapes}
 
 
+def read_unlabeled(prepared_dir: Path) -> list[str]:
+    """The unlabeled texts ingest kept (none for a folder from before they existed)."""
+    path = Path(prepared_dir) / f"{UNLABELED}.parquet"
+    return read_split(path).texts if path.exists() else []
+
+
+def transfer_parts(cfg: Config, arrays: dict[str, np.ndarray]) -> list[str]:
+    """The transfer set's parts, in their row order: train, then the augmented texts, then
+    the unlabeled ones, each where soft_labels made it and fractionate includes it. The one
+    order fractionate's row ids and distill's rows both follow."""
+    parts = ["train"]
+    if f"{AUGMENT}_logits" in arrays and cfg.fractionate.include_augmented:
+        parts.append(AUGMENT)
+    if f"{UNLABELED}_logits" in arrays and cfg.fractionate.include_unlabeled:
+        parts.append(UNLABELED)
+    return parts
+
+
 def load_augment_texts(out_dir: Path) -> list[str]:
     """The augmented texts (row i belongs to ``augment_logits[i]``)."""
     import pyarrow.parquet as pq
@@ -253,8 +277,11 @@ def _summary(hit: bool, key: str, meta: dict[str, Any]) -> str:
     counts = meta["texts"]
     line = "+".join(f"{counts[name]:,}" for name in SPLITS)
     line = f"labelled {line} texts at {meta['texts_per_second']:,.0f}/s"
-    if AUGMENT in counts:
-        line += f" (incl. {counts[AUGMENT]:,} augmented)"
+    extra = [f"{counts[name]:,} {what}" for name, what in ((AUGMENT, "augmented"),
+                                                           (UNLABELED, "unlabeled"))
+             if name in counts]
+    if extra:
+        line += f" (incl. {' and '.join(extra)})"
     return line
 
 

@@ -63,6 +63,9 @@ def objects(s3_endpoint, tmp_path_factory):
                        ("test", FOLDER_ROWS[50:])):
         s3.upload_file(str(write_csv(tmp / f"{name}.csv", part)), BUCKET, f"ds/{name}.csv")
     s3.put_object(Bucket=BUCKET, Key="ds/notes.txt", Body=b"not a split")
+    s3.put_object(Bucket=BUCKET, Key="unl/a.csv", Body=b"text\nfirst unlabeled\n")
+    s3.put_object(Bucket=BUCKET, Key="unl/b.jsonl", Body=b'{"text": "second unlabeled"}\n')
+    s3.put_object(Bucket=BUCKET, Key="unl/readme.txt", Body=b"not texts")
     s3.put_object(Bucket=BUCKET, Key="bad.csv", Body=b"text,label\ngood one,pos\ncaf\xe9,neg\n")
     s3.put_object(Bucket=BUCKET, Key="reviews.xlsx", Body=b"PK\x03\x04")
     s3.create_bucket(Bucket=VERSIONED)
@@ -141,6 +144,17 @@ def test_prefix_of_split_files_is_read_like_a_local_folder(aws_env, objects):
                       for n in ("train", "validation", "test")}  # notes.txt not fetched
 
 
+def test_a_prefix_of_unlabeled_texts_is_every_file_under_it(aws_env, objects):
+    from kdpipe.data.sources import load_unlabeled
+
+    source = load_unlabeled(DataConfig(unlabeled=f"s3://{BUCKET}/unl/"))
+    split = source.splits["unlabeled"]
+    assert split.texts == ["first unlabeled", "second unlabeled"]
+    assert split.origin == f"s3://{BUCKET}/unl/"
+    assert [o["path"] for o in source.provenance["objects"]] == [
+        f"s3://{BUCKET}/unl/a.csv", f"s3://{BUCKET}/unl/b.jsonl"]
+
+
 def test_versioned_bucket_records_the_version_and_can_pin_one(aws_env, objects):
     first = objects.head_object(Bucket=VERSIONED, Key="reviews.csv")["VersionId"]
     latest = load_source(DataConfig(source=f"s3://{VERSIONED}/reviews.csv"))
@@ -165,7 +179,7 @@ def test_cli_ingest_from_s3_writes_prepared_data_and_a_card(aws_env, objects, cl
     assert result.exit_code == 0, result.output
     prepared = tmp_path / "work" / "prepared"
     assert {p.name for p in prepared.glob("*.parquet")} == \
-        {"train.parquet", "validation.parquet", "test.parquet"}
+        {"train.parquet", "validation.parquet", "test.parquet", "unlabeled.parquet"}
     card = json.loads((prepared / "data_card.json").read_text())
     assert card["source"]["uri"] == f"s3://{BUCKET}/reviews.csv"
     assert card["source"]["objects"][0]["etag"] == _etag(objects, BUCKET, "reviews.csv")

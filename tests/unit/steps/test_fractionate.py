@@ -171,7 +171,7 @@ def test_run_entropy_writes_indices_weights_and_report(labelled):
     assert weights.tolist() == [1.0] * kept
     report = report_of(cfg)
     assert report["strategy"] == "entropy" and report["epochs"] == 1
-    assert report["rows"] == {"train": n, "augmented": 0, "total": n}
+    assert report["rows"] == {"train": n, "augmented": 0, "unlabeled": 0, "total": n}
     epoch = report["per_epoch"][0]
     assert epoch["count"] == kept
     assert epoch["class_histogram_before"] == {
@@ -223,7 +223,7 @@ def test_run_includes_augmented_rows_after_train(labelled):
     indices, _ = fractionate.load(cfg.paths.fractions, 0)
     assert indices.tolist() == list(range(n + m))  # augmented ids n .. n+m-1
     report = report_of(cfg)
-    assert report["rows"] == {"train": n, "augmented": m, "total": n + m}
+    assert report["rows"] == {"train": n, "augmented": m, "unlabeled": 0, "total": n + m}
     gold = np.array(read_split(cfg.paths.prepared / "train.parquet").labels)
     teacher = np.argmax(arrays["augment_logits"], axis=1)
     expected = np.bincount(gold, minlength=2) + np.bincount(teacher, minlength=2)
@@ -240,7 +240,7 @@ def test_run_includes_augmented_rows_after_train(labelled):
     cfg = labelled(**{"soft_labels.augment.enabled": True, "soft_labels.augment.variants": 2,
                       "fractionate.include_augmented": False})
     fractionate_run(cfg)
-    assert report_of(cfg)["rows"] == {"train": n, "augmented": 0, "total": n}
+    assert report_of(cfg)["rows"] == {"train": n, "augmented": 0, "unlabeled": 0, "total": n}
 
 
 def test_load_without_a_run_is_a_clear_error(tmp_path):
