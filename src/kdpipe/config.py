@@ -305,13 +305,23 @@ class EMAConfig(Section):
 class FractionateConfig(Section):
     # all: every subset of the rows lost accuracy in the ablation
     # (docs/decisions.md#kd-on-every-row-no-extra-loss-terms).
-    strategy: Literal["all", "random", "entropy", "margin", "class_balanced", "dynamic"] = "all"
-    fraction: float = Field(0.5, gt=0, le=1, description="Share kept by random/entropy/margin.")
+    strategy: Literal["all", "random", "entropy", "margin", "domain", "class_balanced",
+                      "dynamic"] = "all"
+    fraction: float = Field(
+        0.5, gt=0, le=1, description="Share kept by random/entropy/margin/domain.")
     schedule: list[float] = Field(
         [0.5, 0.3, 1.0], min_length=1,
         description="dynamic: fraction per epoch (the last repeats), ranked by schedule_by.",
     )
-    schedule_by: Literal["entropy", "margin", "random"] = "entropy"
+    schedule_by: Literal["entropy", "margin", "random", "domain"] = "entropy"
+    domain_target: Literal["validation", "unlabeled"] = Field(
+        "validation", description="domain: the texts whose domain to keep close to, by the "
+        "teacher's cached [CLS] features (unlabeled: data.unlabeled's; to target texts without "
+        "training on them, set include_unlabeled=false).")
+    domain_score: Literal["centroid", "knn"] = Field(
+        "centroid", description="domain: cosine to the target's mean direction, or the mean "
+        "cosine to the domain_k nearest target texts (density).")
+    domain_k: int = Field(10, ge=1, description="domain_score=knn: neighbours averaged.")
     include_augmented: bool = Field(True, description="Select from augmented texts too.")
     include_unlabeled: bool = Field(
         True, description="Select from the texts of data.unlabeled too (when it is set).")

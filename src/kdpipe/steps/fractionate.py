@@ -7,13 +7,17 @@ texts (ids ``N .. N+M-1``; id ``N + k`` is row k of ``augment_logits.npy``), and
 ingest kept texts of ``data.unlabeled`` and ``fractionate.include_unlabeled``, by those
 (``unlabeled_logits.npy``'s rows); see ``soft_labels.transfer_parts``.
 
-Strategies (``fractionate.strategy``), all driven by the teacher's soft labels:
+Strategies (``fractionate.strategy``), all driven by the teacher's cached outputs:
 
 - ``all``: every row, weight 1;
 - ``random``: a uniform ``fraction`` (seeded by ``seed``);
 - ``entropy``: the ``fraction`` whose teacher distribution has the highest entropy (the texts
   the teacher is least sure of carry the most information about its decision boundary);
 - ``margin``: the ``fraction`` with the smallest top-1 minus top-2 teacher probability;
+- ``domain``: the ``fraction`` closest to a target domain (``domain_target``: the validation
+  texts, or the unlabeled ones) by the teacher's cached [CLS] features: cosine to the
+  target's mean direction, or the mean cosine to the ``domain_k`` nearest target texts
+  (``domain_score``); the target's labels are never read;
 - ``class_balanced``: every row, weighted by the inverse frequency of its class;
 - ``dynamic``: per epoch e, the top ``schedule[e]`` of one ranking (``schedule_by``), so the
   epochs' selections are nested prefixes of the same order; the last entry repeats.
@@ -88,6 +92,36 @@ def rank_random(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(n).astype(np.int64)
 
 
+def domain_similarity(features: np.ndarray, target: np.ndarray, score: str = "centroid",
+                      k: int = 10, chunk: int = 4096) -> np.ndarray:
+    """How close each row is to the target domain, by the teacher's [CLS] features.
+
+    features: (n, H), target: (m, H); both L2-normalised per row first. ``score="centroid"``:
+    the cosine of each row to the target's mean direction (the normalised mean of the
+    normalised target rows). ``"knn"``: the mean cosine to its ``min(k, m)`` most similar
+    target rows, a density that also favours rows near a small cluster of the target. (n,)
+    float64; rows are scored ``chunk`` at a time so memory stays ``chunk * m``.
+    """
+    rows, goal = _unit(np.asarray(features, np.float64)), _unit(np.asarray(target, np.float64))
+    if not len(goal):
+        raise ValueError("target: no rows")
+    if score == "centroid":
+        return rows @ _unit(goal.mean(axis=0, keepdims=True))[0]
+    if score != "knn":
+        raise ValueError(f"score: expected 'centroid' or 'knn', got {score!r}")
+    k = min(k, len(goal))
+    out = np.empty(len(rows))
+    for start in range(0, len(rows), chunk):
+        sims = rows[start:start + chunk] @ goal.T
+        out[start:start + chunk] = np.partition(sims, -k, axis=1)[:, -k:].mean(axis=1)
+    return out
+
+
+def rank_domain(similarity: np.ndarray) -> np.ndarray:
+    """All row ids, closest to the target domain first (ties: lower id first)."""
+    return _rank(-np.asarray(similarity, dtype=np.float64))
+
+
 # ---------------------------------------------------------------- selections
 
 
@@ -141,18 +175,21 @@ def dynamic(schedule: Sequence[float], order: np.ndarray) -> list[np.ndarray]:
     return [top(order, fraction) for fraction in schedule]
 
 
-RANKINGS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
-    "entropy": lambda logits, rng: rank_entropy(logits),
-    "margin": lambda logits, rng: rank_margin(logits),
-    "random": lambda logits, rng: rank_random(len(logits), rng),
+Ranking = Callable[[np.ndarray, np.random.Generator, "np.ndarray | None"], np.ndarray]
+RANKINGS: dict[str, Ranking] = {
+    "entropy": lambda logits, rng, domain: rank_entropy(logits),
+    "margin": lambda logits, rng, domain: rank_margin(logits),
+    "random": lambda logits, rng, domain: rank_random(len(logits), rng),
+    "domain": lambda logits, rng, domain: rank_domain(_needed(domain)),
 }
 
 
 def plan(cfg: FractionateConfig, logits: np.ndarray, labels: np.ndarray, num_classes: int,
-         seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+         seed: int, domain: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(indices, weights)`` per epoch for ``cfg.strategy`` over the transfer set.
 
-    logits: (n, C) teacher logits; labels: (n,) the rows' classes (see the module docstring).
+    logits: (n, C) teacher logits; labels: (n,) the rows' classes (see the module docstring);
+    domain: (n,) ``domain_similarity`` of the rows, for the ``domain`` ranking.
     """
     n = len(logits)
     rng = np.random.default_rng(seed)
@@ -161,10 +198,20 @@ def plan(cfg: FractionateConfig, logits: np.ndarray, labels: np.ndarray, num_cla
     elif cfg.strategy == "class_balanced":
         return [(select_all(n), class_balanced_weights(labels, num_classes))]
     elif cfg.strategy == "dynamic":
-        chosen = dynamic(cfg.schedule, RANKINGS[cfg.schedule_by](logits, rng))
+        chosen = dynamic(cfg.schedule, RANKINGS[cfg.schedule_by](logits, rng, domain))
     else:
-        chosen = [top(RANKINGS[cfg.strategy](logits, rng), cfg.fraction)]
+        chosen = [top(RANKINGS[cfg.strategy](logits, rng, domain), cfg.fraction)]
     return [(idx, np.ones(len(idx), dtype=np.float32)) for idx in chosen]
+
+
+def uses_domain(cfg: FractionateConfig) -> bool:
+    return cfg.strategy == "domain" or (cfg.strategy == "dynamic" and cfg.schedule_by == "domain")
+
+
+def _needed(domain: np.ndarray | None) -> np.ndarray:
+    if domain is None:
+        raise ValueError("the domain ranking needs the rows' domain_similarity")
+    return domain
 
 
 # ---------------------------------------------------------------- the step
@@ -207,12 +254,36 @@ def transfer_set(cfg: Config, soft_labels_dir: Path, prepared_dir: Path) -> Tran
     return TransferSet(logits, np.concatenate(labels), rows, names)
 
 
+def domain_scores(cfg: Config, soft_labels_dir: Path, data: TransferSet) -> np.ndarray:
+    """``domain_similarity`` of every transfer row (in ``data``'s order) to
+    ``fractionate.domain_target``, from the teacher's cached [CLS] features."""
+    settings = cfg.fractionate
+    arrays = soft_labels.load(soft_labels_dir)
+    target = f"{settings.domain_target}_features"
+    parts = [f"{name}_features" for name in data.rows]
+    missing = [name for name in (target, *parts) if name not in arrays]
+    if missing:
+        if settings.domain_target == "unlabeled" and "unlabeled_logits" not in arrays:
+            raise KdpipeError("fractionate.domain_target=unlabeled: there are no unlabeled "
+                              "texts; set data.unlabeled")
+        raise KdpipeError(f"fractionate: the domain ranking needs the teacher's features "
+                          f"({', '.join(missing)} missing in {soft_labels_dir}); set "
+                          "soft_labels.features=true")
+    features = np.concatenate([np.asarray(arrays[name]) for name in parts])
+    return domain_similarity(features, np.asarray(arrays[target]), settings.domain_score,
+                             settings.domain_k)
+
+
 def run(cfg: Config, soft_labels_dir: Path, prepared_dir: Path, out_dir: Path) -> StepResult:
     """Select rows of the transfer set from ``soft_labels_dir`` + ``prepared_dir`` into
-    ``out_dir``. Metrics (epoch 0): ``kept_fraction``, ``kept_rows``, ``mean_entropy_kept``."""
+    ``out_dir``. Metrics (epoch 0): ``kept_fraction``, ``kept_rows``, ``mean_entropy_kept``
+    (and ``mean_domain_similarity_kept`` when the domain ranking is used)."""
     data = transfer_set(cfg, Path(soft_labels_dir), Path(prepared_dir))
-    epochs = plan(cfg.fractionate, data.logits, data.labels, len(data.label_names), cfg.seed)
-    report = make_report(cfg, data, epochs, _soft_labels_key(Path(soft_labels_dir)))
+    domain = (domain_scores(cfg, Path(soft_labels_dir), data) if uses_domain(cfg.fractionate)
+              else None)
+    epochs = plan(cfg.fractionate, data.logits, data.labels, len(data.label_names), cfg.seed,
+                  domain)
+    report = make_report(cfg, data, epochs, _soft_labels_key(Path(soft_labels_dir)), domain)
     with atomic_dir(out_dir) as tmp:
         for e, (indices, weights) in enumerate(epochs):
             np.save(tmp / f"epoch_{e:03d}_indices.npy", indices.astype(np.int64))
@@ -224,12 +295,15 @@ def run(cfg: Config, soft_labels_dir: Path, prepared_dir: Path, out_dir: Path) -
         "kept_rows": float(first["count"]),
         "mean_entropy_kept": float(first["mean_entropy_after"]),
     }
+    if domain is not None:
+        metrics["mean_domain_similarity_kept"] = float(first["mean_domain_similarity_after"])
     return StepResult("fractionate", Path(out_dir), metrics, [Path(out_dir) / REPORT],
                       _summary(cfg.fractionate, report))
 
 
 def make_report(cfg: Config, data: TransferSet, epochs: list[tuple[np.ndarray, np.ndarray]],
-                soft_labels_key: str | None) -> dict[str, Any]:
+                soft_labels_key: str | None,
+                domain: np.ndarray | None = None) -> dict[str, Any]:
     settings = cfg.fractionate
     entropy = teacher_entropy(data.logits)
     before = _histogram(data.labels, data.label_names)
@@ -247,6 +321,9 @@ def make_report(cfg: Config, data: TransferSet, epochs: list[tuple[np.ndarray, n
             "mean_entropy_after": round(float(entropy[indices].mean()), 6),
             "weights": {"min": round(float(weights.min()), 6),
                         "max": round(float(weights.max()), 6)},
+            **({} if domain is None else {
+                "mean_domain_similarity_before": round(float(domain.mean()), 6),
+                "mean_domain_similarity_after": round(float(domain[indices].mean()), 6)}),
         })
     return {
         "strategy": settings.strategy,
@@ -322,6 +399,12 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
+def _unit(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (a zero row stays zero)."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1.0)
+
+
 def _rank(score: np.ndarray) -> np.ndarray:
     """Ids by ascending score; a stable sort, so equal scores keep ascending id order."""
     return np.argsort(np.round(score, _SCORE_DECIMALS), kind="stable").astype(np.int64)
@@ -350,4 +433,8 @@ def _summary(settings: FractionateConfig, report: dict[str, Any]) -> str:
         line += " in epoch 0; schedule " + " → ".join(f"{f:.0%}" for f in settings.schedule)
     elif name == "class_balanced":
         line += f", weights {first['weights']['min']:.3g}..{first['weights']['max']:.3g}"
+    if "mean_domain_similarity_after" in first:
+        line += (f", similarity to {settings.domain_target} "
+                 f"{first['mean_domain_similarity_after']:.3f} "
+                 f"(all {first['mean_domain_similarity_before']:.3f})")
     return line

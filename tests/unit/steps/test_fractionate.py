@@ -15,6 +15,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.steps import fractionate, ingest, soft_labels
 from kdpipe.steps.fractionate import (
     class_balanced_weights,
+    domain_similarity,
     dynamic,
     keep_count,
     plan,
@@ -241,6 +242,73 @@ def test_run_includes_augmented_rows_after_train(labelled):
                       "fractionate.include_augmented": False})
     fractionate_run(cfg)
     assert report_of(cfg)["rows"] == {"train": n, "augmented": 0, "unlabeled": 0, "total": n}
+
+
+# ---------------------------------------------------------------- domain
+
+
+def test_domain_similarity_by_hand():
+    # Target rows [1, 0] and [0, 1]: mean direction (1, 1) / sqrt 2.
+    target = np.array([[2.0, 0.0], [0.0, 3.0]])  # lengths do not matter
+    rows = np.array([[1.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])
+    s = 1 / math.sqrt(2)
+    np.testing.assert_allclose(domain_similarity(rows, target), [1.0, s, -s, 0.0])
+    # knn, k = 1: the cosine to the nearest target row; k = 2: the mean of both.
+    np.testing.assert_allclose(domain_similarity(rows, target, "knn", k=1, chunk=3),
+                               [s, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(domain_similarity(rows, target, "knn", k=5),  # k > m: m
+                               [s, 0.5, -0.5, 0.0])
+    with pytest.raises(ValueError, match="'centroid' or 'knn'"):
+        domain_similarity(rows, target, "mean")
+
+
+def test_knn_finds_a_small_cluster_the_centroid_misses():
+    # Nine target rows near (1, 0), one near (0, 1): the centroid points at (1, 0); a row at
+    # (0, 1) sits on the small cluster, and knn with k = 1 ranks it first.
+    target = np.array([[1.0, 0.01 * i] for i in range(9)] + [[0.0, 1.0]])
+    rows = np.array([[0.0, 1.0], [0.7, 0.7]])
+    centroid = domain_similarity(rows, target)
+    knn = domain_similarity(rows, target, "knn", k=1)
+    assert centroid[1] > centroid[0] and knn[0] > knn[1]
+
+
+def test_plan_domain_keeps_the_closest_fraction_and_dynamic_can_rank_by_it():
+    logits = np.zeros((6, 2), np.float32)  # entropy ties everywhere: only domain decides
+    similarity = np.array([0.1, 0.9, 0.5, 0.9, -0.2, 0.3])
+    kept = plan(FractionateConfig(strategy="domain", fraction=0.5), logits,
+                np.zeros(6, np.int64), 2, 0, similarity)
+    assert kept[0][0].tolist() == [1, 2, 3]  # 0.9, 0.9 (ties by id), 0.5
+    epochs = plan(FractionateConfig(strategy="dynamic", schedule=[0.3, 1.0],
+                                    schedule_by="domain"), logits, np.zeros(6, np.int64), 2,
+                  0, similarity)
+    assert [e[0].tolist() for e in epochs] == [[1, 3], list(range(6))]
+    with pytest.raises(ValueError, match="domain_similarity"):
+        plan(FractionateConfig(strategy="domain"), logits, np.zeros(6, np.int64), 2, 0)
+
+
+def test_run_domain_ranks_train_by_closeness_to_validation(labelled):
+    cfg = labelled(**{"fractionate.strategy": "domain", "fractionate.fraction": 0.25})
+    result = fractionate_run(cfg)
+    arrays = soft_labels.load(cfg.paths.soft_labels)
+    expected = domain_similarity(np.asarray(arrays["train_features"]),
+                                 np.asarray(arrays["validation_features"]))
+    indices, _ = fractionate.load(cfg.paths.fractions, 0)
+    assert indices.tolist() == sorted(np.argsort(-expected, kind="stable")[:len(indices)])
+    epoch = report_of(cfg)["per_epoch"][0]
+    assert epoch["mean_domain_similarity_after"] > epoch["mean_domain_similarity_before"]
+    assert result.metrics["mean_domain_similarity_kept"] == pytest.approx(
+        expected[indices].mean(), abs=1e-6)
+    assert "similarity to validation" in result.summary
+
+    no_features = labelled(**{"fractionate.strategy": "domain", "soft_labels.features": False,
+                              "work_dir": str(cfg.paths.root.parent / "w2")})
+    with pytest.raises(KdpipeError, match="needs the teacher's features .*"
+                                          "set soft_labels.features=true"):
+        fractionate_run(no_features)
+    no_unlabeled = labelled(**{"fractionate.strategy": "domain",
+                               "fractionate.domain_target": "unlabeled"})
+    with pytest.raises(KdpipeError, match="there are no unlabeled texts; set data.unlabeled"):
+        fractionate_run(no_unlabeled)
 
 
 def test_load_without_a_run_is_a_clear_error(tmp_path):

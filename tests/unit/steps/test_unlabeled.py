@@ -140,10 +140,21 @@ def test_ingest_keeps_the_new_texts_and_later_steps_append_them_to_the_transfer_
 
 def test_include_unlabeled_false_leaves_them_out_and_no_setting_keeps_the_old_hash(
         labelled, make_config, tmp_path):
-    cfg, _ = labelled(**{"fractionate.include_unlabeled": False})
+    # The unlabeled texts as a target domain only: rows ranked by closeness to them.
+    cfg, _ = labelled(**{"fractionate.include_unlabeled": False,
+                         "fractionate.strategy": "domain", "fractionate.fraction": 0.5,
+                         "fractionate.domain_target": "unlabeled"})
     fractionate.run(cfg, cfg.paths.soft_labels, cfg.paths.prepared, cfg.paths.fractions)
     report = json.loads((cfg.paths.fractions / "report.json").read_text())
     assert report["rows"]["unlabeled"] == 0
+    arrays = soft_labels.load(cfg.paths.soft_labels)
+    similarity = fractionate.domain_similarity(
+        np.concatenate([arrays["train_features"], arrays["augment_features"]]),
+        np.asarray(arrays["unlabeled_features"]))
+    kept, _ = fractionate.load(cfg.paths.fractions, 0)
+    assert report["per_epoch"][0]["mean_domain_similarity_after"] == pytest.approx(
+        similarity[kept].mean(), abs=1e-6)
+    assert similarity[kept].min() >= np.median(similarity)
     with_unlabeled = json.loads((cfg.paths.prepared / "data_card.json").read_text())
 
     plain = make_config(**{"data.source": str(tmp_path / "d.csv"), "work_dir":
