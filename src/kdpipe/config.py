@@ -295,6 +295,15 @@ class SRRDConfig(Section):
     projection: Projection = Field("linear", description=PROJECTION_HELP)
 
 
+class MutualConfig(Section):
+    """Deep mutual learning: a peer student trained beside the student, each also learning
+    from the other's softened output; the better of the two is kept."""
+
+    weight: float = Field(0.0, ge=0, description="Weight of the KL to the other's output.")
+    seed: int = Field(1, description="Seeds the peer's initialisation (apart from the "
+                      "student's).")
+
+
 class EMAConfig(Section):
     """Mean-teacher self-distillation: an EMA of the student gives extra soft targets."""
 
@@ -362,6 +371,7 @@ class DistillConfig(Section):
     attention: AttentionLossConfig = AttentionLossConfig()
     srrd: SRRDConfig = SRRDConfig()
     ema: EMAConfig = EMAConfig()
+    mutual: MutualConfig = MutualConfig()
     num_threads: int | None = Field(None, ge=1)
 
 

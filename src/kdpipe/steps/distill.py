@@ -11,7 +11,8 @@ matching, run alongside). Writes ``out_dir`` atomically: the student (``model.sa
 The loss is a weighted sum of terms chosen in params.yaml, each a ``LossTerm`` of
 ``kdpipe.training.loss_terms`` (which owns its settings, heads and computation). With
 ``distill.ema.weight > 0`` an exponential moving average of the student gives extra soft
-targets; it is evaluated too, and whichever of the two scores best on validation is saved.
+targets, and with ``distill.mutual.weight > 0`` a peer student learns beside it; they are
+evaluated too, and whichever scores best on validation is saved.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from kdpipe.steps import fractionate, soft_labels
 from kdpipe.threads import torch_threads
 from kdpipe.training import distill_checkpoint, trained_rows
 from kdpipe.training.batching import bucketed_batches
-from kdpipe.training.loss_terms import CRD, EMA, Batch, LossTerm, LossTerms, build_terms
+from kdpipe.training.loss_terms import CRD, Batch, LossTerm, LossTerms, build_terms
 from kdpipe.training.optim import adamw
 
 LogMetric = Callable[[str, float, int], None]
@@ -85,10 +86,11 @@ class Trainer:
                                     for name, head in term.heads.items()})
 
     @property
-    def ema(self) -> nn.Module | None:
-        """The EMA copy of the student, when the ema term is on."""
-        term = self.terms.get(EMA.name)
-        return term.model if term is not None else None
+    def models(self) -> dict[str, nn.Module]:
+        """The student, and what terms train beside it (EMA copy, peer), by name."""
+        return {"student": self.student,
+                **{name: model for term in self.terms.values()
+                   for name, model in term.models().items()}}
 
     @property
     def bank(self) -> Any:
@@ -107,7 +109,8 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
     is written.
 
     Metrics: ``val_accuracy``/``val_macro_f1`` of the saved model, ``epochs_run``,
-    ``train_seconds``, ``params`` (student parameters), ``from_ema`` (1 if the EMA copy won).
+    ``train_seconds``, ``params`` (student parameters), ``from_ema`` / ``from_peer`` (1 if the
+    EMA copy / the mutual-learning peer won).
     """
     start = time.perf_counter()
     tokenizer = load_tokenizer(str(teacher_dir))
@@ -138,9 +141,11 @@ def run(cfg: Config, prepared_dir: Path, soft_labels_dir: Path, fractions_dir: P
                "epochs_run": float(len({e["epoch"] for e in t.history["evaluations"]})),
                "train_seconds": seconds,
                "params": float(count_parameters(best["model"])),
-               "from_ema": float(best["which"] == "ema")}
+               "from_ema": float(best["which"] == "ema"),
+               "from_peer": float(best["which"] == "peer")}
+    kept = {"ema": " (EMA)", "peer": " (mutual-learning peer)"}.get(best["which"], "")
     summary = (f"{cfg.student.arch}: val acc {best['accuracy']:.3f}, F1 {best['macro_f1']:.3f}, "
-               f"epoch {best['epoch'] + 1}{' (EMA)' if best['which'] == 'ema' else ''}, "
+               f"epoch {best['epoch'] + 1}{kept}, "
                f"{metrics['params']:,.0f} params, {seconds:.0f} s")
     return StepResult("distill", Path(out_dir), metrics, [Path(out_dir) / "distill.json"],
                       summary)
@@ -291,10 +296,11 @@ def train_step(t: Trainer, terms: LossTerms, batch: Batch) -> dict[str, float]:
         nn.utils.clip_grad_norm_(
             list(t.student.parameters()) + list(t.heads.parameters()),
             t.cfg.distill.max_grad_norm)
+    lr = t.optimizer.param_groups[0]["lr"]  # the rate this step used
     t.optimizer.step()
     t.scheduler.step()
     for term in t.terms.values():
-        term.after_step(t.student)
+        term.after_step(t.student, lr)
     t.step += 1
     return logged
 
@@ -312,10 +318,10 @@ def flush_loss(t: Trainer, log_metric: LogMetric | None) -> None:
 
 
 def evaluate_epoch(t: Trainer, epoch: int, log_metric: LogMetric | None) -> list[dict[str, Any]]:
-    """Validation scores of the student (and its EMA copy), each with a frozen copy."""
-    models = {"student": t.student, **({"ema": t.ema} if t.ema is not None else {})}
+    """Validation scores of the student (and its EMA copy or peer), each with a frozen
+    copy."""
     scores = []
-    for which, model in models.items():
+    for which, model in t.models.items():
         accuracy, macro_f1 = accuracy_and_f1(t.data.val_labels, predict(model, t.data))
         entry = {"epoch": epoch, "which": which, "accuracy": accuracy, "macro_f1": macro_f1}
         t.history["evaluations"].append(dict(entry))

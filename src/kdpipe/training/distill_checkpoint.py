@@ -1,8 +1,9 @@
 """Distillation resumes after its last finished epoch (``kdpipe.training.checkpoints`` conventions).
 
-Saved at the end of every epoch but the last: the student, its projection heads, the EMA copy,
-the best model so far, optimizer and schedule, torch's RNG, the CRD memory bank, and the
-counters and history. Epoch batches are drawn from ``(seed, epoch)``, so a resumed run
+Saved at the end of every epoch but the last: the student, its projection heads, the models
+trained beside it (EMA copy, mutual-learning peer) and their terms' state (the peer's
+optimizer), the best model so far, optimizer and schedule, torch's RNG, the CRD memory bank,
+and the counters and history. Epoch batches are drawn from ``(seed, epoch)``, so a resumed run
 trains exactly as an uninterrupted one would (bit for bit on a CPU).
 """
 
@@ -48,12 +49,14 @@ def save(t: Trainer, folder: Path, expected: str, epoch: int, best: dict[str, An
         save_model(best["model"], str(tmp / "best.safetensors"))
         if len(t.heads):
             save_model(t.heads, str(tmp / "heads.safetensors"))
-        if t.ema is not None:
-            save_model(t.ema, str(tmp / "ema.safetensors"))
+        for name, model in _beside(t).items():
+            save_model(model, str(tmp / f"{name}.safetensors"))
         if t.bank is not None and t.bank.get() is not None:
             save_file({"rows": t.bank.get()}, tmp / "bank.safetensors")
         torch.save({"optimizer": t.optimizer.state_dict(),
-                    "scheduler": t.scheduler.state_dict()}, tmp / "optimizer.pt")
+                    "scheduler": t.scheduler.state_dict(),
+                    "terms": {name: term.state() for name, term in t.terms.items()}},
+                   tmp / "optimizer.pt")
         save_file(checkpoints.rng_state(), tmp / "rng.safetensors")
         state = {"epoch": epoch, "step": t.step, "stale": stale, "history": t.history,
                  "best": {k: best[k] for k in BEST_SCORES}}
@@ -83,9 +86,9 @@ def _restore(t: Trainer, folder: Path, state: dict[str, Any]) -> tuple[int, dict
     heads = copy.deepcopy(t.heads)
     if len(heads):
         _load(heads, folder / "heads.safetensors")
-    ema = copy.deepcopy(t.ema) if t.ema is not None else None
-    if ema is not None:
-        _load(ema, folder / "ema.safetensors")
+    beside = {name: copy.deepcopy(model) for name, model in _beside(t).items()}
+    for name, model in beside.items():
+        _load(model, folder / f"{name}.safetensors")
     bank_file = folder / "bank.safetensors"
     bank = load_file(bank_file)["rows"] if t.bank is not None and bank_file.exists() else None
     trainer = torch.load(folder / "optimizer.pt", weights_only=True)
@@ -96,15 +99,22 @@ def _restore(t: Trainer, folder: Path, state: dict[str, Any]) -> tuple[int, dict
     # Everything read: now swap it in (parameters in place, so the optimizer's refer to them).
     t.student.load_state_dict(student.state_dict())
     t.heads.load_state_dict(heads.state_dict())
-    if ema is not None:
-        t.ema.load_state_dict(ema.state_dict())
+    for name, model in _beside(t).items():
+        model.load_state_dict(beside[name].state_dict())
     if bank is not None:
         t.bank.push(bank)
     t.optimizer.load_state_dict(trainer["optimizer"])
     t.scheduler.load_state_dict(trainer["scheduler"])
+    for name, term in t.terms.items():
+        term.load_state(trainer.get("terms", {}).get(name, {}))
     checkpoints.set_rng_state(rng)
     t.history, t.step = history, step
     return epoch + 1, best, stale
+
+
+def _beside(t: Trainer) -> dict[str, torch.nn.Module]:
+    """The models trained beside the student (EMA copy, mutual-learning peer)."""
+    return {name: model for name, model in t.models.items() if name != "student"}
 
 
 def _load(module: torch.nn.Module, path: Path) -> None:

@@ -136,8 +136,11 @@ class LossTerm:
     ``heads``: its learned projections, trained and checkpointed with the student (names
     unique across terms). ``__call__``: the term's value on a batch (unweighted).
     ``after_step``: called after every optimizer step, whether or not the term is on that
-    epoch. ``needs_teacher_alongside``: the term reads ``self.alongside``, the teacher run on
-    the batch (shared between such terms).
+    epoch, with the learning rate of that step. ``needs_teacher_alongside``: the term reads
+    ``self.alongside``, the teacher run on the batch (shared between such terms).
+    ``models``: models the term trains beside the student (an EMA copy, a peer), evaluated
+    with it each epoch (the best of all is kept) and checkpointed with ``state`` /
+    ``load_state`` (their optimizer's state, say).
     """
 
     name: ClassVar[str]
@@ -158,8 +161,19 @@ class LossTerm:
     def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
         raise NotImplementedError
 
-    def after_step(self, student: nn.Module) -> None:
+    def after_step(self, student: nn.Module, lr: float) -> None:
         """Nothing by default."""
+
+    def models(self) -> dict[str, nn.Module]:
+        """None by default."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """Tensors and numbers (torch.load(weights_only=True) must read them back)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """What ``state`` returned."""
 
 
 TERMS: dict[str, type[LossTerm]] = {}
@@ -402,5 +416,62 @@ class EMA(LossTerm):
             targets = self.model(b.input_ids, b.attention_mask).logits
         return losses.kd_kl(out.logits, targets, terms.temperature, b.weights)
 
-    def after_step(self, student: nn.Module) -> None:
+    def after_step(self, student: nn.Module, lr: float) -> None:
         losses.ema_update(self.model, student, self.d.ema.momentum)
+
+    def models(self) -> dict[str, nn.Module]:
+        return {"ema": self.model}
+
+
+@term
+class Mutual(LossTerm):
+    """Deep mutual learning (Zhang et al. 2018; ``distill.mutual``): a peer student, built
+    like the student but initialised apart, trained beside it. Each learns from the teacher
+    (the peer by the KD loss alone) and from the other's softened output, ``weight`` times KL
+    at the epoch's temperature; the peer takes an optimizer step after each of the
+    student's, at the same learning rate. Both are evaluated each epoch; the better is kept."""
+
+    name = "mutual"
+
+    @classmethod
+    def weight(cls, d: DistillConfig) -> float:
+        return d.mutual.weight
+
+    def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
+                 teacher_dir: Path | None) -> None:
+        from kdpipe.training.optim import adamw
+
+        super().__init__(d, student, teacher_width, teacher_dir)
+        self.peer = losses.make_peer(student, d.mutual.seed)
+        self.optimizer = adamw(list(self.peer.parameters()), d.lr, d.weight_decay)
+        self._loss: Tensor | None = None
+
+    def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
+        self.peer.train()
+        peer = self.peer(b.input_ids, b.attention_mask).logits
+        self._loss = (losses.kd_loss(peer, b.teacher_logits, b.labels, terms.temperature,
+                                     terms.alpha, b.weights)
+                      + terms.weights[self.name] * losses.kd_kl(
+                          peer, out.logits.detach(), terms.temperature, b.weights))
+        return losses.kd_kl(out.logits, peer.detach(), terms.temperature, b.weights)
+
+    def after_step(self, student: nn.Module, lr: float) -> None:
+        if self._loss is None:  # the term was off this step (hard-label epochs)
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss.backward()
+        self._loss = None
+        if self.d.max_grad_norm:
+            nn.utils.clip_grad_norm_(self.peer.parameters(), self.d.max_grad_norm)
+        self.optimizer.step()
+
+    def models(self) -> dict[str, nn.Module]:
+        return {"peer": self.peer}
+
+    def state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -295,6 +295,20 @@ def make_ema(model: nn.Module) -> nn.Module:
     return ema.eval()
 
 
+def make_peer(model: nn.Module, seed: int) -> nn.Module:
+    """A trainable copy of ``model`` for mutual learning, its layers re-initialised from
+    ``seed`` (torch's global RNG is left as it was) so that the two start apart; an
+    embedding copied from the teacher (a shared, good start) is kept. Re-initialised: every
+    submodule with ``reset_parameters`` but the embeddings."""
+    peer = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in peer.modules():
+            if not isinstance(module, nn.Embedding) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return peer.train()
+
+
 @torch.no_grad()
 def ema_update(ema_model: nn.Module, model: nn.Module, momentum: float) -> None:
     """In place, for every parameter: ``ema = momentum * ema + (1 - momentum) * param``;

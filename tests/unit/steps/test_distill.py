@@ -113,6 +113,7 @@ def test_a_small_transfer_set_gets_epochs_until_min_steps(pipeline_dir, tmp_path
     ({"crd": {"weight": 0.2}}, {"kd", "crd"}),
     ({"crd": {"weight": 0.2, "negatives": "memory_bank", "bank_size": 64}}, {"kd", "crd"}),
     ({"ema": {"weight": 0.5, "momentum": 0.9}}, {"kd", "ema"}),
+    ({"mutual": {"weight": 0.5}}, {"kd", "mutual"}),
     ({"hard_label_epochs": 1, "temperature_end": 1.0}, {"hard_ce", "kd"}),
     ({"student": {"arch": "bilstm"}, "fractionate": {"strategy": "dynamic"}}, {"kd"}),
     ({"student": {"arch": "transformer"}, "hidden": {"weight": 1.0}}, {"kd", "hidden"}),
@@ -133,6 +134,9 @@ def test_every_loss_term_and_student_trains(pipeline_dir, tmp_path, settings, te
     assert result.metrics["val_accuracy"] > 0.4
     if "ema" in terms:
         assert {e["which"] for e in report["evaluations"]} == {"student", "ema"}
+    if "mutual" in terms:
+        assert {e["which"] for e in report["evaluations"]} == {"student", "peer"}
+        assert result.metrics["from_peer"] == float(report["best"]["which"] == "peer")
 
 
 def test_a_new_loss_term_is_one_registered_class(pipeline_dir, tmp_path, monkeypatch):
@@ -217,7 +221,8 @@ def _stop_at_evaluation(n):
      "early_stopping_patience": 1},
     {"student": {"arch": "fast", "fast": {"buckets": 256}}},
     {"srrd": {"weight": 0.5, "projection": "mlp"}},
-], ids=["textcnn+ema+feature", "bilstm+crd-bank", "fast", "srrd-mlp"])
+    {"mutual": {"weight": 0.5}, "ema": {"weight": 0.3}},
+], ids=["textcnn+ema+feature", "bilstm+crd-bank", "fast", "srrd-mlp", "mutual+ema"])
 def test_interrupted_distillation_resumes_to_the_same_student(pipeline_dir, tmp_path, settings):
     cfg, fractions = _config(pipeline_dir, tmp_path, **json.loads(json.dumps(settings)))
     p = cfg.paths

@@ -205,3 +205,65 @@ def test_attention_transfer_needs_the_transformer_student(tiny_bert):
                                           "student.arch=transformer"):
         loss_terms.build_terms(["attention"], DistillConfig(attention={"weight": 1.0}),
                                student, 0, tiny_bert)
+
+
+# ---------------------------------------------------------------- deep mutual learning
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(5, 2)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, ids, mask):
+        from kdpipe.models.base import StudentOutput
+
+        pooled = self.embedding(ids).mean(dim=1)
+        return StudentOutput(self.head(pooled), pooled)
+
+
+def test_the_peer_starts_apart_but_keeps_the_embedding_and_the_global_rng():
+    from kdpipe.training.losses import make_peer
+
+    torch.manual_seed(0)
+    student = Tiny()
+    state = torch.random.get_rng_state()
+    peer, again = make_peer(student, seed=1), make_peer(student, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(peer.embedding.weight, student.embedding.weight)
+    assert not torch.equal(peer.head.weight, student.head.weight)
+    assert torch.equal(peer.head.weight, again.head.weight)  # seeded
+    assert peer.embedding.weight.data_ptr() != student.embedding.weight.data_ptr()
+
+
+def test_mutual_learning_pulls_each_towards_the_other_and_steps_the_peer():
+    from kdpipe.training.losses import kd_kl, kd_loss
+
+    torch.manual_seed(0)
+    student = Tiny()
+    d = DistillConfig(mutual={"weight": 0.5}, max_grad_norm=None, lr=0.1)
+    term = loss_terms.build_terms(["kd", "mutual"], d, student, 0, None)["mutual"]
+    peer = term.peer
+    ids = torch.tensor([[1, 2], [3, 4]])
+    batch = loss_terms.Batch(ids, torch.ones_like(ids), torch.tensor([0, -1]),
+                             t([[2.0, 0.0], [0.0, 1.0]]), None, torch.ones(2))
+    terms = loss_terms.LossTerms.for_epoch(d, 0)
+    out = student(ids, batch.attention_mask)
+    before = {k: v.clone() for k, v in peer.state_dict().items()}
+    peer_logits = peer(ids, batch.attention_mask).logits.detach()
+    value = term(batch, out, terms)
+    # The student's term: KL from the peer's softened output.
+    assert value.item() == pytest.approx(kd_kl(out.logits, peer_logits, terms.temperature)
+                                         .item())
+    # The peer's loss: its own KD loss plus 0.5 x KL from the student's output.
+    expected = (kd_loss(peer_logits, batch.teacher_logits, batch.labels, terms.temperature,
+                        terms.alpha) + 0.5 * kd_kl(peer_logits, out.logits.detach(),
+                                                   terms.temperature))
+    assert term._loss.item() == pytest.approx(expected.item())
+    value.backward()
+    assert peer.head.weight.grad is None  # the student's term does not train the peer
+    term.after_step(student, lr=0.1)
+    assert term.optimizer.param_groups[0]["lr"] == 0.1
+    assert not torch.equal(before["head.weight"], peer.state_dict()["head.weight"])
+    assert term.models() == {"peer": peer}
