@@ -179,6 +179,14 @@ class SoftLabelsConfig(Section):
         "label in one process."
     )
     augment: AugmentConfig = AugmentConfig()
+    teachers: list[str] = Field(
+        [], description="More fine-tuned teachers (checkpoint folders with a head for the "
+        "same labels, e.g. `kdpipe teacher` run with another seed or checkpoint) whose "
+        "distributions are combined with the teacher's into the soft labels. The features "
+        "stay the teacher's.")
+    ensemble: Literal["mean", "confidence"] = Field(
+        "mean", description="teachers: average the distributions, or weight each teacher "
+        "per text by its top probability.")
 
 
 class TextCNNConfig(Section):

@@ -242,11 +242,21 @@ def _card_facts(cfg: Config, candidate_dir: Path, evaluation: dict[str, Any],
     labels = _read_json(candidate_dir / LABELS_FILE).get("names") or []
     return CardFacts(
         name=cfg.registry.model_name, candidate=cfg.registry.candidate, labels=labels,
-        data_card=data_card, teacher_checkpoint=checkpoint_name(cfg.teacher.checkpoint),
+        data_card=data_card, teacher_checkpoint=_teachers(cfg),
         student_arch=str(record.get("arch") or cfg.student.arch),
         quantization=_quantization(candidate_dir), max_length=record.get("max_length"),
         metrics=metrics, evaluation=evaluation, candidate_entry=entry_name,
         params_hash=cfg.params_hash(), git_commit=tracking.git_commit(), notes=notes)
+
+
+def _teachers(cfg: Config) -> str:
+    """The teacher checkpoint, and the others of an ensemble (soft_labels.teachers)."""
+    name = checkpoint_name(cfg.teacher.checkpoint)
+    more = cfg.soft_labels.teachers
+    if not more:
+        return name
+    return (f"{name}, with {len(more)} more teacher{'s' if len(more) > 1 else ''} "
+            f"({cfg.soft_labels.ensemble} of their distributions): {', '.join(more)}")
 
 
 def _quantization(folder: Path) -> str | None:
@@ -261,12 +271,17 @@ def _quantization(folder: Path) -> str | None:
 def _provenance_tags(cfg: Config, data_card: dict[str, Any], facts: CardFacts
                      ) -> dict[str, str]:
     tags = {"data_hash": str(data_card.get("content_hash", "unknown")),
-            "teacher_checkpoint": facts.teacher_checkpoint, "params_hash": facts.params_hash,
+            "teacher_checkpoint": checkpoint_name(cfg.teacher.checkpoint),
+            "params_hash": facts.params_hash,
             "candidate": cfg.registry.candidate, "student_arch": facts.student_arch,
             "eval_split": str(facts.evaluation.get("split", cfg.evaluate.split)),
             "eval_rows": str(facts.evaluation.get("rows", "unknown"))}
     if facts.git_commit:
         tags["git_commit"] = facts.git_commit
+    if cfg.soft_labels.teachers:  # an ensemble made the soft labels
+        tags["teachers"] = json.dumps([checkpoint_name(cfg.teacher.checkpoint),
+                                       *cfg.soft_labels.teachers])
+        tags["teacher_ensemble"] = cfg.soft_labels.ensemble
     return {f"{TAG_PREFIX}{k}": v for k, v in tags.items()}
 
 

@@ -30,8 +30,7 @@ from kdpipe.steps.soft_labels import (
     _summary,
     cached,
     key_parts,
-    label_texts,
-    load_teacher,
+    label_with_teachers,
     texts_to_label,
     validation_accuracy,
 )
@@ -96,21 +95,21 @@ def label_shard(cfg: Config, teacher_dir: Path, prepared_dir: Path, shard: int,
     rows = {name: shard_rows(token_counts(tokenizer, items, max_length) if items
                              else np.zeros(0, np.int64), batch_size, shard, num_shards)
             for name, items in texts.items()}
-    model = load_teacher(teacher_dir, read_labels(prepared_dir), cfg.seed)
     started = time.perf_counter()
     # predict() re-sorts these texts by length (stably: they are sorted already) and cuts
     # them into batch_size chunks: every batch but a split's last is full, so the chunks are
     # exactly this shard's batches of the unsharded run.
-    labelled = label_texts(model, tokenizer, {name: [texts[name][i] for i in index]
-                                              for name, index in rows.items() if index.size},
-                           max_length, batch_size, cfg.soft_labels.features)
+    label_names = read_labels(prepared_dir)
+    labelled, _ = label_with_teachers(
+        cfg, teacher_dir, label_names, tokenizer,
+        {name: [texts[name][i] for i in index] for name, index in rows.items() if index.size})
     label_seconds = time.perf_counter() - started
     for name in rows:  # in run()'s order; a shard may get no batch of a small split
         arrays[f"{name}_logits"] = labelled.get(
-            f"{name}_logits", np.zeros((0, model.config.num_labels), np.float32))
+            f"{name}_logits", np.zeros((0, len(label_names)), np.float32))
         if cfg.soft_labels.features:
             arrays[f"{name}_features"] = labelled.get(
-                f"{name}_features", np.zeros((0, model.config.hidden_size), np.float32))
+                f"{name}_features", np.zeros((0, _hidden_size(teacher_dir)), np.float32))
     arrays |= {f"{name}_rows": index for name, index in rows.items()}
     stats = {
         "texts": {name: len(index) for name, index in rows.items()},
@@ -119,6 +118,12 @@ def label_shard(cfg: Config, teacher_dir: Path, prepared_dir: Path, shard: int,
         "shapes": {name: list(a.shape) for name, a in arrays.items()},
     }
     return arrays, files, stats
+
+
+def _hidden_size(teacher_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(teacher_dir).hidden_size)
 
 
 def merge(shard_dirs: Sequence[Path], out_dir: Path,

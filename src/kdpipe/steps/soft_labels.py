@@ -122,6 +122,10 @@ def key_parts(cfg: Config, teacher_dir: Path, prepared_dir: Path) -> dict[str, A
         "features": cfg.soft_labels.features,
         "augment": {**augment.model_dump(mode="json"), "seed": cfg.seed}
         if augment.enabled else None,
+        # Only when set, so that the keys of single-teacher entries stay what they were.
+        **({"teachers": [softcache.file_tree_hash(_checkpoint(t), exclude=("training.json",))
+                         for t in cfg.soft_labels.teachers],
+            "ensemble": cfg.soft_labels.ensemble} if cfg.soft_labels.teachers else {}),
     }
 
 
@@ -141,10 +145,10 @@ def label_all(cfg: Config, teacher_dir: Path,
     files (the augmented texts as Parquet bytes) and stats for the manifest."""
     tokenizer = load_tokenizer(str(teacher_dir))
     texts, arrays, files = texts_to_label(cfg, teacher_dir, prepared_dir, tokenizer)
-    model = load_teacher(teacher_dir, read_labels(prepared_dir), cfg.seed)
     started = time.perf_counter()
-    arrays |= label_texts(model, tokenizer, texts, cfg.ingest.max_length,
-                          cfg.soft_labels.batch_size, cfg.soft_labels.features)
+    labelled, each = label_with_teachers(cfg, teacher_dir, read_labels(prepared_dir),
+                                         tokenizer, texts)
+    arrays |= labelled
     label_seconds = time.perf_counter() - started
     total = sum(len(t) for t in texts.values())
     stats = {
@@ -153,7 +157,91 @@ def label_all(cfg: Config, teacher_dir: Path,
         "texts_per_second": round(total / max(label_seconds, 1e-9), 1),
         "shapes": {name: list(a.shape) for name, a in arrays.items()},
     }
+    if cfg.soft_labels.teachers:
+        gold = np.asarray(read_split(prepared_dir / "validation.parquet").labels)
+        stats["teachers"] = [
+            {"path": path, "val_accuracy": float((np.argmax(
+                logits, axis=1) == gold).mean())} for path, logits in each.items()]
     return arrays, files, stats
+
+
+def label_with_teachers(cfg: Config, teacher_dir: Path, label_names: list[str],
+                        tokenizer: Any, texts: dict[str, list[str]],
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``label_texts`` with the teacher and, when ``soft_labels.teachers`` lists more, the
+    ensemble's ``{name}_logits`` (``ensemble_logits``) in their place; the features stay the
+    teacher's. Also each teacher's validation logits by path (when validation is labelled
+    and there are several teachers), to report how each scores."""
+    settings = cfg.soft_labels
+    max_length, batch_size = cfg.ingest.max_length, settings.batch_size
+    model = load_teacher(teacher_dir, label_names, cfg.seed)
+    arrays = label_texts(model, tokenizer, texts, max_length, batch_size, settings.features)
+    if not settings.teachers:
+        return arrays, {}
+    del model  # one teacher in memory at a time
+    per_teacher = {str(teacher_dir): arrays}
+    for path in settings.teachers:
+        other = load_extra_teacher(Path(path), label_names)
+        per_teacher[path] = label_texts(other, load_tokenizer(path), texts, max_length,
+                                        batch_size, features=False)
+    for name in texts:
+        arrays[f"{name}_logits"] = ensemble_logits(
+            [labelled[f"{name}_logits"] for labelled in per_teacher.values()],
+            settings.ensemble)
+    each = {path: labelled["validation_logits"] for path, labelled in per_teacher.items()
+            if "validation_logits" in labelled}
+    return arrays, each
+
+
+def _checkpoint(path: str) -> Path:
+    """``path`` of ``soft_labels.teachers``, checked to be a checkpoint folder."""
+    if not (Path(path) / "config.json").is_file():
+        raise KdpipeError(f"soft_labels.teachers: {path}: not a checkpoint folder (no "
+                          "config.json)")
+    return Path(path)
+
+
+def ensemble_logits(logits: list[np.ndarray], how: str = "mean") -> np.ndarray:
+    """Several teachers' logits (each (n, C)) as one: the log of the combined distribution,
+    float32, so that ``softmax`` of it gives the combination back. ``mean``: the average of
+    the teachers' distributions; ``confidence``: each teacher weighted, per row, by its top
+    probability (a sure teacher counts more on that text)."""
+    probs = []
+    for z in logits:
+        z = np.asarray(z, np.float64)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        probs.append(e / e.sum(axis=1, keepdims=True))
+    stacked = np.stack(probs)  # (T, n, C)
+    if how == "mean":
+        combined = stacked.mean(axis=0)
+    elif how == "confidence":
+        weights = stacked.max(axis=2, keepdims=True)  # (T, n, 1)
+        combined = (weights * stacked).sum(axis=0) / weights.sum(axis=0)
+    else:
+        raise ValueError(f"how: expected 'mean' or 'confidence', got {how!r}")
+    return np.log(np.maximum(combined, np.finfo(np.float64).tiny)).astype(np.float32)
+
+
+def load_extra_teacher(path: Path, label_names: list[str]) -> Any:
+    """A teacher of ``soft_labels.teachers``: fine-tuned for these labels, in their order
+    (its config's label names must match where it names them), float32, eval mode."""
+    import torch
+    from transformers import AutoConfig
+
+    where = f"soft_labels.teachers: {_checkpoint(str(path))}"
+    named = AutoConfig.from_pretrained(path).id2label or {}
+    names = [named[i] for i in sorted(named)]
+    generic = all(str(n).startswith("LABEL_") for n in names)
+    if names and not generic and names != list(label_names):
+        raise KdpipeError(f"{where}: its labels {names} are not the data's {label_names} "
+                          "(in this order)")
+    model, report = teacher_model.load_teacher(str(path), label_names)
+    if report["mismatched"] or report["missing"]:
+        raise KdpipeError(f"{where}: no fine-tuned head for the {len(label_names)} classes of "
+                          "the data (fine-tune it first, e.g. `kdpipe teacher` with another "
+                          "seed and work_dir)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device, dtype=torch.float32).eval()
 
 
 def texts_to_label(cfg: Config, teacher_dir: Path, prepared_dir: Path, tokenizer: Any,

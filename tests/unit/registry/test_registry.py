@@ -281,6 +281,22 @@ def test_version_carries_provenance_tags_and_model_card(env):
     for heading in ("## Data", "## Models", "## Metrics", "## Limits", "## Provenance"):
         assert heading in card
     assert data_card["content_hash"] in card and "| quantized (registered) | 100.00%" in card
+    assert "kdpipe.teachers" not in tags
+
+    # Soft labels from an ensemble: the version says which teachers, and how combined.
+    ensemble = other.model_copy(update={
+        "registry": other.registry.model_copy(update={"model_name": "ensemble-check"}),
+        "soft_labels": other.soft_labels.model_copy(update={
+            "teachers": ["runs/seed1/teacher", "runs/seed2/teacher"],
+            "ensemble": "confidence"})})
+    result = register(ensemble, root, folders["good"], 1.0, "ensemble")
+    tags = open_registry(cfg).version("ensemble-check", read_record(result)["version"]).tags
+    assert json.loads(tags["kdpipe.teachers"]) == [
+        other.teacher.checkpoint, "runs/seed1/teacher", "runs/seed2/teacher"]
+    assert tags["kdpipe.teacher_ensemble"] == "confidence"
+    assert tags["kdpipe.teacher_checkpoint"] == other.teacher.checkpoint
+    assert ("with 2 more teachers (confidence of their distributions): runs/seed1/teacher, "
+            "runs/seed2/teacher") in (result.out_dir / "model_card.md").read_text()
 
 
 def test_exported_candidate_without_metrics_entry_is_measured_and_says_so(env):
