@@ -189,6 +189,10 @@ def run(
         "--from", metavar="STEP", show_default=False,
         help="Re-run STEP and every step after it (e.g. --from distill after changing the "
         "code); earlier steps only if stale.")] = None,
+    to_step: Annotated[str | None, typer.Option(
+        "--to", metavar="STEP", show_default=False,
+        help="Stop after STEP (e.g. --to distill for a teacher assistant: the later steps "
+        "are not needed).")] = None,
 ) -> None:
     """Run the steps in order, tracked as one MLflow parent run, and print a summary.
 
@@ -200,33 +204,39 @@ def run(
     from kdpipe import provenance
 
     cfg = load_config(params, set_)
-    first = _step_option(from_step)
+    first, last = _step_option(from_step, "--from"), _step_option(to_step, "--to")
+    steps = STEPS[:STEPS.index(last) + 1] if last else STEPS
+    if first and first not in steps:
+        raise KdpipeError(f"--from {from_step} comes after --to {to_step}")
     if cfg.data.source == "demo":
         err.print(DEMO_NOTICE)
     with work_dir_lock(cfg.work_dir, f"kdpipe run --runner {runner.value}"):
         if runner is not Runner.local:
+            if last:
+                raise KdpipeError(f"--to works with --runner local only (the Kubeflow DAG "
+                                  f"runs whole); got --runner {runner.value}")
             _run_kfp(cfg, runner)
             return
-        forced = {s.name for s in STEPS} if force else (
-            {s.name for s in STEPS[STEPS.index(first):]} if first else set())
+        forced = {s.name for s in steps} if force else (
+            {s.name for s in steps[steps.index(first):]} if first else set())
         # Why each step up to the first stale one must run (None: up to date); nothing runs
         # before that one, so the loop reuses these instead of checking them again.
         checked: dict[str, str | None] = {}
         if not forced:
-            for step in STEPS:
+            for step in steps:
                 checked[step.name] = provenance.stale(cfg, step)
                 if checked[step.name] is not None:
                     break
             else:
-                err.print("every step is up to date (--force re-runs them); the last run's "
-                          "results:", highlight=False)
+                err.print(f"every step{f' to {last.name}' if last else ''} is up to date "
+                          "(--force re-runs them); the last run's results:", highlight=False)
                 _print_comparison(cfg)
-                last = (provenance.read(cfg.paths.root, STEPS[-1].name) or {}).get(
+                run = (provenance.read(cfg.paths.root, steps[-1].name) or {}).get(
                     "pipeline_run_id")
-                if last and cfg.tracking.enabled:
-                    _print_mlflow_run(cfg, last)
+                if run and cfg.tracking.enabled:
+                    _print_mlflow_run(cfg, run)
                 return
-        rows, run_id = _run_stale(cfg, forced, checked)
+        rows, run_id = _run_stale(cfg, forced, checked, steps)
     table = Table(title="kdpipe run")
     for column in ("step", "seconds", "result"):
         table.add_column(column)
@@ -238,28 +248,28 @@ def run(
         _print_mlflow_run(cfg, run_id)
 
 
-def _step_option(name: str | None) -> Step | None:
+def _step_option(name: str | None, option: str) -> Step | None:
     if name is None:
         return None
     names = [s.name for s in STEPS]
     wanted = name.replace("-", "_")
     if wanted not in names:
-        raise KdpipeError(f"--from {name}: no such step; one of {', '.join(names)}")
+        raise KdpipeError(f"{option} {name}: no such step; one of {', '.join(names)}")
     return step_named(wanted)
 
 
-def _run_stale(cfg: Config, forced: set[str], checked: dict[str, str | None]
-               ) -> tuple[list[tuple[str, ...]], str | None]:
-    """Each step in order inside one parent run: the stale (or ``forced``) ones run, the
-    others are kept (``checked``: steps already found stale or not). Register runs whenever
-    anything before it ran."""
+def _run_stale(cfg: Config, forced: set[str], checked: dict[str, str | None],
+               steps: tuple[Step, ...] = STEPS) -> tuple[list[tuple[str, ...]], str | None]:
+    """Each of ``steps`` in order inside one parent run: the stale (or ``forced``) ones run,
+    the others are kept (``checked``: steps already found stale or not). Register runs
+    whenever anything before it ran."""
     from kdpipe import provenance, tracking
 
     rows: list[tuple[str, ...]] = []
     ran = False
     with tracking.pipeline_run(cfg) as run_id:
-        for index, step in enumerate(STEPS, start=1):
-            err.print(f"[dim]step {index}/{len(STEPS)}[/]", end=" ")
+        for index, step in enumerate(steps, start=1):
+            err.print(f"[dim]step {index}/{len(steps)}[/]", end=" ")
             why = "forced (--force or --from)" if step.name in forced else \
                 checked[step.name] if step.name in checked else provenance.stale(cfg, step)
             if why is None and ran and step.name in provenance.ALWAYS:

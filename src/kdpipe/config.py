@@ -184,6 +184,11 @@ class SoftLabelsConfig(Section):
         "same labels, e.g. `kdpipe teacher` run with another seed or checkpoint) whose "
         "distributions are combined with the teacher's into the soft labels. The features "
         "stay the teacher's.")
+    assistant: str | None = Field(
+        None, description="A teacher assistant: the folder of a transformer student distilled "
+        "from the teacher (`kdpipe run --to distill -S student.arch=transformer` in another "
+        "work_dir writes one to its student/); it labels the texts in the teacher's place, "
+        "features included.")
     ensemble: Literal["mean", "confidence"] = Field(
         "mean", description="teachers: average the distributions, or weight each teacher "
         "per text by its top probability.")

@@ -258,3 +258,21 @@ def test_tunes_run_line_repeats_the_settings_every_trial_had():
     assert line == "kdpipe run -S student.arch=fast -S distill.lr=0.004 -S distill.epochs=2"
     assert cli._run_command(cli.Path("p.yaml"), None, {"distill.T": 3.0}) == \
         "kdpipe run --params p.yaml -S distill.T=3.0"
+
+
+def test_run_to_a_step_stops_there(tmp_path, monkeypatch, tiny_bert, separable_csv):
+    monkeypatch.chdir(tmp_path)
+    settings = ["-S", f"teacher.checkpoint={tiny_bert}", "-S", f"data.source={separable_csv}",
+                "-S", "tracking.enabled=false", "-S", f"work_dir={tmp_path / 'work'}"]
+    result = CliRunner().invoke(app, ["run", "--to", "ingest", *settings])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "work" / "prepared" / "train.parquet").is_file()
+    assert not (tmp_path / "work" / "teacher").exists()
+    assert "step 1/1" in result.output
+    again = CliRunner().invoke(app, ["run", "--to", "ingest", *settings])
+    assert "every step to ingest is up to date" in again.output
+    for args, message in ((["--from", "distill", "--to", "ingest"],
+                           "--from distill comes after --to ingest"),
+                          (["--to", "nope"], "--to nope: no such step")):
+        bad = CliRunner().invoke(app, ["run", *args, *settings])
+        assert bad.exit_code == 1 and message in bad.output, bad.output

@@ -146,3 +146,18 @@ def student_record(model: nn.Module) -> dict[str, Any]:
         if hasattr(module, "student_record"):
             return module.student_record
     raise KdpipeError(f"{type(model).__name__} holds no student record")
+
+
+def load_student_tokenizer(student_dir: Path) -> Any:
+    """The tokenizer distill saved beside the student (the folder has no model config.json,
+    so ``kdpipe.models.teacher.load_tokenizer`` would refuse it)."""
+    from transformers import AutoTokenizer
+
+    from kdpipe.models.teacher import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(student_dir)
+    except (OSError, ValueError) as exc:
+        raise KdpipeError(f"{student_dir}: no readable tokenizer beside the student "
+                          f"({type(exc).__name__}); run `kdpipe distill` again") from None

@@ -27,8 +27,7 @@ from kdpipe.config import Config
 from kdpipe.data.prepare import UNLABELED
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluation.metrics import accuracy_and_f1
-from kdpipe.models.students import load_student
-from kdpipe.models.teacher import quiet_transformers
+from kdpipe.models.students import load_student, load_student_tokenizer
 from kdpipe.progress import progress_bar
 from kdpipe.step_result import StepResult
 from kdpipe.steps import distill
@@ -111,19 +110,6 @@ def run(cfg: Config, student_dir: Path, prepared_dir: Path, soft_labels_dir: Pat
                f"{metrics['params_after']:,.0f} params ({sparsity:.0%} of weights zero), "
                f"val acc {accuracy['before']:.3f} -> {final:.3f}, {seconds:.0f} s")
     return StepResult("prune", Path(out_dir), metrics, [Path(out_dir) / REPORT_FILE], summary)
-
-
-def load_student_tokenizer(student_dir: Path) -> Any:
-    """The tokenizer distill saved beside the student (the folder has no model config.json,
-    so ``kdpipe.models.teacher.load_tokenizer`` would refuse it)."""
-    from transformers import AutoTokenizer
-
-    try:
-        with quiet_transformers():
-            return AutoTokenizer.from_pretrained(student_dir)
-    except (OSError, ValueError) as exc:
-        raise KdpipeError(f"{student_dir}: no readable tokenizer beside the student "
-                          f"({type(exc).__name__}); run `kdpipe distill` again") from None
 
 
 def prune_vocabulary(model: pruning.PrunedStudent, data: distill.TransferData,

@@ -252,6 +252,8 @@ def _card_facts(cfg: Config, candidate_dir: Path, evaluation: dict[str, Any],
 def _teachers(cfg: Config) -> str:
     """The teacher checkpoint, and the others of an ensemble (soft_labels.teachers)."""
     name = checkpoint_name(cfg.teacher.checkpoint)
+    if cfg.soft_labels.assistant:
+        name += f", through the teacher assistant {cfg.soft_labels.assistant}"
     more = cfg.soft_labels.teachers
     if not more:
         return name
@@ -278,6 +280,8 @@ def _provenance_tags(cfg: Config, data_card: dict[str, Any], facts: CardFacts
             "eval_rows": str(facts.evaluation.get("rows", "unknown"))}
     if facts.git_commit:
         tags["git_commit"] = facts.git_commit
+    if cfg.soft_labels.assistant:  # a teacher assistant made the soft labels
+        tags["assistant"] = cfg.soft_labels.assistant
     if cfg.soft_labels.teachers:  # an ensemble made the soft labels
         tags["teachers"] = json.dumps([checkpoint_name(cfg.teacher.checkpoint),
                                        *cfg.soft_labels.teachers])

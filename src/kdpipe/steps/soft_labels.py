@@ -123,6 +123,9 @@ def key_parts(cfg: Config, teacher_dir: Path, prepared_dir: Path) -> dict[str, A
         "augment": {**augment.model_dump(mode="json"), "seed": cfg.seed}
         if augment.enabled else None,
         # Only when set, so that the keys of single-teacher entries stay what they were.
+        **({"assistant": softcache.file_tree_hash(_assistant(cfg.soft_labels.assistant),
+                                                  exclude=("distill.json",))}
+           if cfg.soft_labels.assistant else {}),
         **({"teachers": [softcache.file_tree_hash(_checkpoint(t), exclude=("training.json",))
                          for t in cfg.soft_labels.teachers],
             "ensemble": cfg.soft_labels.ensemble} if cfg.soft_labels.teachers else {}),
@@ -168,18 +171,22 @@ def label_all(cfg: Config, teacher_dir: Path,
 def label_with_teachers(cfg: Config, teacher_dir: Path, label_names: list[str],
                         tokenizer: Any, texts: dict[str, list[str]],
                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``label_texts`` with the teacher and, when ``soft_labels.teachers`` lists more, the
-    ensemble's ``{name}_logits`` (``ensemble_logits``) in their place; the features stay the
-    teacher's. Also each teacher's validation logits by path (when validation is labelled
-    and there are several teachers), to report how each scores."""
+    """``label_texts`` with the teacher (or the assistant that stands in for it) and, when
+    ``soft_labels.teachers`` lists more, the ensemble's ``{name}_logits``
+    (``ensemble_logits``) in their place; the features stay the first one's. Also each
+    teacher's validation logits by path (when validation is labelled and there are several
+    teachers), to report how each scores."""
     settings = cfg.soft_labels
     max_length, batch_size = cfg.ingest.max_length, settings.batch_size
-    model = load_teacher(teacher_dir, label_names, cfg.seed)
+    if settings.assistant:
+        model, tokenizer = load_assistant(Path(settings.assistant), label_names)
+    else:
+        model = load_teacher(teacher_dir, label_names, cfg.seed)
     arrays = label_texts(model, tokenizer, texts, max_length, batch_size, settings.features)
     if not settings.teachers:
         return arrays, {}
     del model  # one teacher in memory at a time
-    per_teacher = {str(teacher_dir): arrays}
+    per_teacher = {settings.assistant or str(teacher_dir): arrays}
     for path in settings.teachers:
         other = load_extra_teacher(Path(path), label_names)
         per_teacher[path] = label_texts(other, load_tokenizer(path), texts, max_length,
@@ -191,6 +198,36 @@ def label_with_teachers(cfg: Config, teacher_dir: Path, label_names: list[str],
     each = {path: labelled["validation_logits"] for path, labelled in per_teacher.items()
             if "validation_logits" in labelled}
     return arrays, each
+
+
+def load_assistant(folder: Path, label_names: list[str]) -> tuple[Any, Any]:
+    """The teacher assistant of ``soft_labels.assistant`` (a transformer student folder) as
+    a sequence classifier, float32, eval mode, and its tokenizer."""
+    import torch
+
+    from kdpipe.models.students import load_student, load_student_tokenizer
+
+    where = f"soft_labels.assistant: {_assistant(str(folder))}"
+    student = load_student(folder)
+    if student.arch != "transformer":
+        raise KdpipeError(f"{where}: a {student.arch} student; an assistant must be a "
+                          "transformer student (student.arch=transformer): it is read as a "
+                          "teacher, features included")
+    model = student.model
+    if model.config.num_labels != len(label_names):
+        raise KdpipeError(f"{where}: {model.config.num_labels} classes, the data has "
+                          f"{len(label_names)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device, dtype=torch.float32).eval(), load_student_tokenizer(folder)
+
+
+def _assistant(path: str) -> Path:
+    """``soft_labels.assistant``, checked to be a saved student's folder."""
+    if not (Path(path) / "student.json").is_file():
+        raise KdpipeError(f"soft_labels.assistant: {path}: not a student folder (no "
+                          "student.json); point it at the student/ of a run with "
+                          "student.arch=transformer")
+    return Path(path)
 
 
 def _checkpoint(path: str) -> Path:

@@ -123,3 +123,58 @@ def test_a_teacher_that_cannot_join_is_a_one_line_error(two_teachers, tiny_bert,
     cfg = build(**{"soft_labels.teachers": [str(tmp_path / "nowhere")]})
     with pytest.raises(KdpipeError, match="nowhere: not a checkpoint folder"):
         soft_labels.run(cfg, tiny_bert, cfg.paths.prepared, cfg.paths.soft_labels)
+
+
+# ---------------------------------------------------------------- teacher assistant
+
+
+def _saved_student(folder, tiny_bert, arch):
+    import torch
+
+    from kdpipe.config import StudentConfig
+    from kdpipe.models.students import build_student, save_student
+
+    tokenizer = load_tokenizer(str(tiny_bert))
+    torch.manual_seed(3)
+    cfg = StudentConfig(arch=arch, embedding_dim=8, transformer={"teacher_layers": [1]},
+                        bilstm={"hidden_size": 4})
+    student = build_student(cfg, 2, tiny_bert, tokenizer.pad_token_id, len(tokenizer))
+    save_student(student, folder)
+    tokenizer.save_pretrained(folder)
+    return student
+
+
+def test_an_assistant_labels_in_the_teachers_place(make_config, separable_csv, tiny_bert,
+                                                   tmp_path):
+    assistant = _saved_student(tmp_path / "ta", tiny_bert, "transformer")
+    cfg = make_config(**{"data.source": str(separable_csv), "soft_labels.batch_size": 16,
+                         "soft_labels.augment.enabled": False,
+                         "soft_labels.assistant": str(tmp_path / "ta")})
+    p = cfg.paths
+    ingest.run(cfg, p.prepared)
+    soft_labels.run(cfg, tiny_bert, p.prepared, p.soft_labels)
+    arrays = soft_labels.load(p.soft_labels)
+    texts = {"validation": soft_labels.read_split(p.prepared / "validation.parquet").texts}
+    tokenizer = load_tokenizer(str(tiny_bert))
+    expected = label_texts(assistant.model.eval(), tokenizer, texts, cfg.ingest.max_length, 16,
+                           features=True)
+    teacher = label_texts(load_teacher(tiny_bert, ["neg", "pos"], 0), tokenizer, texts,
+                          cfg.ingest.max_length, 16, features=True)
+    np.testing.assert_allclose(arrays["validation_logits"], expected["validation_logits"],
+                               atol=1e-5)
+    np.testing.assert_allclose(arrays["validation_features"],
+                               expected["validation_features"], atol=1e-5)
+    assert not np.allclose(arrays["validation_logits"], teacher["validation_logits"])
+    manifest = json.loads((p.soft_labels / "manifest.json").read_text())
+    assert "assistant" in manifest["parts"]
+
+    _saved_student(tmp_path / "lstm", tiny_bert, "bilstm")
+    other = cfg.model_copy(update={"soft_labels": cfg.soft_labels.model_copy(
+        update={"assistant": str(tmp_path / "lstm")})})
+    with pytest.raises(KdpipeError, match="a bilstm student; an assistant must be a "
+                                          "transformer student"):
+        soft_labels.run(other, tiny_bert, p.prepared, tmp_path / "sl2")
+    other = cfg.model_copy(update={"soft_labels": cfg.soft_labels.model_copy(
+        update={"assistant": str(tmp_path / "nowhere")})})
+    with pytest.raises(KdpipeError, match="nowhere: not a student folder"):
+        soft_labels.run(other, tiny_bert, p.prepared, tmp_path / "sl3")
