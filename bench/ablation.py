@@ -32,7 +32,15 @@ VARIANTS = {
     "kd+ema": lambda epochs: ["distill.ema.weight=0.5"],
     # Tang et al. (2019): MSE between logits plus cross-entropy on the gold labels, no KL.
     "mse": lambda epochs: ["distill.logit_mse=1.0", "distill.alpha=0.0"],
+    "kd+feature-mlp": lambda epochs: ["distill.feature.weight=0.5", "distill.feature.kind=cosine",
+                                      "distill.feature.projection=mlp"],
+    "kd+srrd": lambda epochs: ["distill.srrd.weight=0.5"],
+    "kd+mutual": lambda epochs: ["distill.mutual.weight=0.5"],
+    # transformer student only (it has layers and attention maps to match)
+    "kd+hidden+attention": lambda epochs: ["distill.hidden.weight=1.0",
+                                           "distill.attention.weight=1.0"],
 }
+LAYERED = {"kd+hidden+attention"}  # variants only the transformer student can run
 # A student initialised from teacher layers needs a fine-tuning learning rate.
 STUDENT_SETTINGS = {
     "textcnn": [],
@@ -46,7 +54,12 @@ STRATEGIES = {
     "margin 50%": ["fractionate.strategy=margin"],
     "class_balanced": ["fractionate.strategy=class_balanced"],
     "dynamic 50/30/100": ["fractionate.strategy=dynamic"],
+    "domain 50%": ["fractionate.strategy=domain"],
+    "domain knn 50%": ["fractionate.strategy=domain", "fractionate.domain_score=knn"],
+    "dynamic by domain": ["fractionate.strategy=dynamic", "fractionate.schedule_by=domain"],
 }
+SEEDS = (43, 44)  # the extra seeds of rows within CLOSE of the best
+CLOSE = 0.01
 
 
 def distil(cfg: Config, name: str) -> dict:
@@ -74,6 +87,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in bench/results/ablation_<data>.json")
+    parser.add_argument("--seeds", action="store_true",
+                        help=f"then run each row within {CLOSE:.0%} of the best again with "
+                        f"seeds {SEEDS} (mean and spread in the table)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     name = Path(args.data).name
@@ -88,17 +104,21 @@ def main() -> None:
     params.write_text(Path("params.yaml").read_text() if Path("params.yaml").exists() else "")
     rows = previous_rows(result_name) if args.resume else []
 
-    def record(student: str, variant: str, strategy: str, settings: list[str]) -> dict:
-        done = [r for r in rows if (r["student"], r["variant"], r["strategy"]) ==
-                (student, variant, strategy)]
+    def record(student: str, variant: str, strategy: str, settings: list[str],
+               seed: int | None = None) -> dict:
+        done = [r for r in rows if (r["student"], r["variant"], r["strategy"],
+                                    r.get("seed")) == (student, variant, strategy, seed)]
         if done:
             return done[0]
         epochs = args.transformer_epochs if student == "transformer" else args.epochs
+        seeded = [] if seed is None else [f"seed={seed}"]
         cfg = load_config(params, [*base, f"student.arch={student}", f"distill.epochs={epochs}",
                                  *STUDENT_SETTINGS[student], *VARIANTS[variant](epochs),
-                                 *settings])
+                                 *settings, *seeded])
+        label = f"{student}-{variant}-{strategy}" + ("" if seed is None else f"-seed{seed}")
         row = {"student": student, "variant": variant, "strategy": strategy,
-               "epochs": epochs, **distil(cfg, f"{student}-{variant}-{strategy}")}
+               "epochs": epochs, **({} if seed is None else {"seed": seed}),
+               **distil(cfg, label)}
         row["pct_of_teacher"] = round(100 * row["val_accuracy"] / teacher_acc, 2)
         rows.append(row)
         print(f"{student:12s} {variant:11s} {strategy:18s} acc {row['val_accuracy']:.4f} "
@@ -108,11 +128,18 @@ def main() -> None:
 
     for student in args.students.split(","):
         for variant in args.variants.split(","):
-            record(student, variant, "all", [])
+            if variant not in LAYERED or student == "transformer":
+                record(student, variant, "all", [])
     best = max((r for r in rows if r["variant"] != "hard"), key=lambda r: r["val_accuracy"])
     for strategy in args.strategies.split(","):
         if strategy != "all":
             record(best["student"], best["variant"], strategy, STRATEGIES[strategy])
+    if args.seeds:
+        top = max(r["val_accuracy"] for r in rows)
+        for r in [r for r in rows if "seed" not in r and top - r["val_accuracy"] <= CLOSE]:
+            for seed in SEEDS:
+                record(r["student"], r["variant"], r["strategy"], STRATEGIES[r["strategy"]],
+                       seed)
     print_table(rows, teacher_acc)
 
 
@@ -131,14 +158,21 @@ def save(args: argparse.Namespace, name: str, teacher_acc: float, rows: list[dic
 
 
 def print_table(rows: list[dict], teacher_acc: float) -> None:
+    """One line per setting: the first seed's row, and where other seeds ran, the mean and
+    the spread (max - min) of all of them."""
     print(f"\nteacher validation accuracy: {teacher_acc:.4f}\n")
-    print("| student | loss | fractionation | val acc | % of teacher | macro-F1 | epochs run "
-          "| params | seconds |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
+    print("| student | loss | fractionation | val acc | seeds: mean (spread) | % of teacher "
+          "| macro-F1 | epochs run | params | seconds |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in (r for r in rows if "seed" not in r):
+        same = [o["val_accuracy"] for o in rows
+                if (o["student"], o["variant"], o["strategy"]) ==
+                (r["student"], r["variant"], r["strategy"])]
+        seeds = (f"{sum(same) / len(same):.4f} ({max(same) - min(same):.4f}, n={len(same)})"
+                 if len(same) > 1 else "–")
         print(f"| {r['student']} | {r['variant']} | {r['strategy']} | {r['val_accuracy']:.4f} "
-              f"| {r['pct_of_teacher']:.1f} | {r['val_macro_f1']:.4f} | {r['epochs_run']:.0f}"
-              f"{'/' + str(r['epochs']) if 'epochs' in r else ''} "
+              f"| {seeds} | {r['pct_of_teacher']:.1f} | {r['val_macro_f1']:.4f} "
+              f"| {r['epochs_run']:.0f}{'/' + str(r['epochs']) if 'epochs' in r else ''} "
               f"| {r['params']:,} | {r['seconds']:.0f} |")
 
 
