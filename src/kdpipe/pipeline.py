@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdpipe.config import Config
@@ -46,6 +46,10 @@ class Step:
     resumable: bool = False
     # The function in kdpipe.steps.<name> that takes these folders.
     entry: str = "run"
+    # Of a folder it reads only some files of: which (dvc.yaml lists the same). A change to
+    # the folder's other files does not make the step stale (new unlabeled texts do not
+    # re-train the teacher).
+    reads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def command(self) -> str:
@@ -85,6 +89,14 @@ class Step:
 # Which texts beyond train the transfer set holds (kdpipe.steps.soft_labels.transfer_parts).
 TRANSFER_PARTS = ("fractionate.include_augmented", "fractionate.include_unlabeled")
 
+
+def _prepared(*names: str) -> dict[str, tuple[str, ...]]:
+    """The files of ``prepared`` a step reads: train, validation, test and unlabeled are the
+    Parquet splits, labels and data_card the JSON files."""
+    files = tuple(f"{n}.json" if n in ("labels", "data_card") else f"{n}.parquet" for n in names)
+    return {"prepared": files}
+
+
 STEPS: tuple[Step, ...] = (
     Step("ingest", "Read, check and split the data; write Parquet splits and a data card.",
          inputs={}, output="prepared",
@@ -92,45 +104,54 @@ STEPS: tuple[Step, ...] = (
          settings=("seed", "data", "ingest", "teacher.checkpoint")),
     Step("teacher", "Fine-tune the teacher on the prepared data (resumes if interrupted).",
          inputs={"prepared_dir": "prepared"}, output="teacher",
+         reads=_prepared("train", "validation", "labels"),
          settings=("seed", "ingest.max_length", "teacher"), resumable=True),
     Step("baseline", "Score and time the teacher and its int8 ONNX copy: the yardstick.",
          inputs={"prepared_dir": "prepared", "teacher_dir": "teacher"}, output="baseline",
+         reads=_prepared("validation", "test", "labels"),
          settings=("ingest.max_length", "export", "quantize", "evaluate")),
     Step("soft_labels", "Cache the teacher's logits and [CLS] features for every split.",
          inputs={"teacher_dir": "teacher", "prepared_dir": "prepared"}, output="soft_labels",
+         reads=_prepared("train", "validation", "test", "unlabeled"),
          settings=("seed", "ingest.max_length", "soft_labels")),
     Step("fractionate", "Select and weight the transfer set (uncertainty, balance, schedule).",
          inputs={"soft_labels_dir": "soft_labels", "prepared_dir": "prepared"},
-         output="fractions", settings=("seed", "fractionate")),
+         output="fractions", reads=_prepared("train", "labels"),
+         settings=("seed", "fractionate")),
     Step("distill", "Train the student from the teacher's soft labels; keep the best.",
          inputs={"prepared_dir": "prepared", "soft_labels_dir": "soft_labels",
                  "fractions_dir": "fractions", "teacher_dir": "teacher"},
-         output="student", settings=("seed", "ingest.max_length", *TRANSFER_PARTS,
-                                     "student", "distill"), resumable=True),
+         output="student", reads=_prepared("train", "validation", "unlabeled"),
+         settings=("seed", "ingest.max_length", *TRANSFER_PARTS, "student", "distill"),
+         resumable=True),
     Step("prune", "Shrink the student: vocabulary, channels/heads, magnitude; report.",
          inputs={"student_dir": "student", "prepared_dir": "prepared",
                  "soft_labels_dir": "soft_labels"},
          # distill: the optional fine-tune after pruning reuses the distillation settings;
          # the transfer set's parts: its kept vocabulary is that of train and unlabeled texts.
-         output="pruned", settings=("seed", "ingest.max_length", *TRANSFER_PARTS, "prune",
-                                    "distill")),
+         output="pruned", reads=_prepared("train", "validation", "unlabeled"),
+         settings=("seed", "ingest.max_length", *TRANSFER_PARTS, "prune", "distill")),
     Step("export", "Export the pruned student to ONNX with its tokenizer; check parity.",
          inputs={"model_dir": "pruned", "prepared_dir": "prepared"}, output="exported",
+         reads=_prepared("validation", "labels"),
          settings=("ingest.max_length", "export")),
     Step("quantize",
          "Quantize the student (ONNX Runtime int8 by default) behind an accuracy gate.",
          inputs={"export_dir": "exported", "prepared_dir": "prepared", "student_dir": "pruned"},
-         output="quantized", settings=("quantize",)),
+         output="quantized", reads=_prepared("train", "validation"),
+         settings=("quantize",)),
     Step("evaluate", "Compare every model side by side: accuracy, calibration, latency, size.",
          inputs={"prepared_dir": "prepared", "teacher_dir": "teacher",
                  "baseline_dir": "baseline", "student_dir": "student", "pruned_dir": "pruned",
                  "quantized_dir": "quantized"},
-         output="evaluation", settings=("ingest.max_length", "evaluate")),
+         output="evaluation", reads=_prepared("validation", "test", "labels"),
+         settings=("ingest.max_length", "evaluate")),
     Step("register", "Register the student in the MLflow registry; promote it through the gate.",
          inputs={"exported_dir": "exported", "quantized_dir": "quantized",
                  "evaluation_dir": "evaluation", "prepared_dir": "prepared"},
          # tracking and work_dir: where it registers (the default store is in work_dir).
-         output="registration", settings=(*MODEL_SETTINGS, "tracking", "work_dir"),
+         output="registration", reads=_prepared("data_card", "validation", "test"),
+         settings=(*MODEL_SETTINGS, "tracking", "work_dir"),
          entry="run_candidate"),
 )
 

@@ -63,14 +63,33 @@ def producer(folder: str) -> Step:
     return next(step for step in STEPS if step.output == folder)
 
 
-def folder_hash(path: Path) -> str:
-    """SHA-256 over every file under ``path``: relative name, size and bytes, in name order."""
-    digest = hashlib.sha256()
+def folder_hash(path: Path, only: Iterable[str] | None = None) -> str:
+    """SHA-256 over every file under ``path`` (or the ``only`` ones, relative names):
+    relative name, size and bytes, in name order."""
+    return combined_hash(file_hashes(path), only)
+
+
+def file_hashes(path: Path) -> dict[str, tuple[int, str]]:
+    """Every file under ``path``: relative name -> (size, SHA-256 of its bytes)."""
     path = Path(path)
+    out = {}
     for file in _files(path):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
         with open(file, "rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
+            out[file.relative_to(path).as_posix()] = (
+                file.stat().st_size, hashlib.file_digest(handle, "sha256").hexdigest())
+    return out
+
+
+def combined_hash(files: dict[str, Any], only: Iterable[str] | None = None) -> str:
+    """``folder_hash`` from ``file_hashes`` (as recorded: lists or tuples), restricted to
+    ``only`` when given."""
+    keep = None if only is None else set(only)
+    digest = hashlib.sha256()
+    for name in sorted(files, key=lambda n: n.split("/")):  # _files' order: part by part
+        if keep is None or name in keep:
+            size, sha = files[name]
+            digest.update(f"{name}\0{size}\0".encode())
+            digest.update(bytes.fromhex(sha))
     return digest.hexdigest()
 
 
@@ -132,14 +151,24 @@ def _files_fingerprint(where: str) -> str | None:
     return digest.hexdigest()
 
 
-def current_hash(paths: Layout, folder: str) -> str | None:
-    """The content hash of ``folder`` as its producer recorded it, or computed now when it
-    has no record; None when the folder is missing."""
+def current_hash(paths: Layout, folder: str, only: Iterable[str] | None = None) -> str | None:
+    """The content hash of ``folder`` (of its ``only`` files, when given) as its producer
+    recorded it, or computed now when it has no record; None when the folder is missing."""
     record = read(paths.root, producer(folder).name)
     if record is not None and not _marker(paths.root, producer(folder).name).exists():
-        return record.get("content_hash")
+        if only is None:
+            return record.get("content_hash")
+        if "files" in record:
+            return combined_hash(record["files"], only)
     path = getattr(paths, folder)
-    return folder_hash(path) if path.is_dir() else None
+    return folder_hash(path, only) if path.is_dir() else None
+
+
+def input_hashes(paths: Layout, step: Step) -> dict[str, str | None]:
+    """What ``step`` reads of each input folder, hashed: the files it declares it reads
+    (``Step.reads``), or the whole folder."""
+    return {folder: current_hash(paths, folder, step.reads.get(folder))
+            for folder in step.folders}
 
 
 @dataclass(frozen=True)
@@ -160,12 +189,14 @@ def started(cfg: Config, step: Step, run: RunInfo) -> None:
 def finished(cfg: Config, step: Step, run: RunInfo) -> dict[str, Any]:
     """Record what made ``step``'s output, then lift its running mark."""
     paths = cfg.paths
+    files = file_hashes(getattr(paths, step.output))
     record = {
         "step": step.name,
         "output": step.output,
-        "content_hash": folder_hash(getattr(paths, step.output)),
+        "content_hash": combined_hash(files),
+        "files": files,
         "output_stat": folder_stat(getattr(paths, step.output)),
-        "inputs": {folder: current_hash(paths, folder) for folder in step.folders},
+        "inputs": input_hashes(paths, step),
         "source": source_fingerprint(cfg) if not step.inputs else None,
         "settings": _settings(cfg, step),
         "kdpipe_version": __version__,
@@ -238,8 +269,9 @@ def stale(cfg: Config, step: Step) -> str | None:
         if source != record.get("source"):
             also = f" or {cfg.data.unlabeled}" if cfg.data.unlabeled else ""
             return f"{cfg.data.source}{also} changed"
-    for folder in step.folders:
-        if current_hash(paths, folder) != (record.get("inputs") or {}).get(folder):
+    recorded = record.get("inputs") or {}
+    for folder, now in input_hashes(paths, step).items():
+        if now != recorded.get(folder):
             return f"{getattr(paths, folder)} has changed since it ran"
     # Last, as it may hash the output: the output may have been replaced since its run
     # (`dvc checkout`, or `dvc repro` restoring from its run cache, writes no record).
@@ -288,7 +320,10 @@ def check_consistent(paths: Layout, steps: Iterable[Step], what: str) -> None:
         for folder in step.folders:
             made_from = (record.get("inputs") or {}).get(folder)
             source = read(paths.root, producer(folder).name)
-            if source is not None and made_from != source.get("content_hash"):
+            only = step.reads.get(folder)
+            if source is not None and made_from != (
+                    source.get("content_hash") if only is None
+                    else combined_hash(source.get("files") or {}, only)):
                 raise KdpipeError(
                     f"{what}: {getattr(paths, step.output)} was made from an earlier "
                     f"{getattr(paths, folder)} (re-made since by {_made_by(source)}), so "

@@ -22,12 +22,19 @@ def cfg(tmp_path):
     return validate({"work_dir": str(tmp_path / "work"), "data": {"source": str(csv)}})
 
 
-def make(cfg, step_name: str, content: str = "x", command: str = "kdpipe run") -> None:
-    """Write ``step_name``'s output folder and record it as finished."""
+PREPARED = ("train.parquet", "validation.parquet", "test.parquet", "unlabeled.parquet",
+            "labels.json", "data_card.json")
+
+
+def make(cfg, step_name: str, content: str = "x", command: str = "kdpipe run",
+         files: tuple[str, ...] | None = None) -> None:
+    """Write ``step_name``'s output folder (``files`` of it: default all; ingest's are named
+    as the steps after it read them) and record it as finished."""
     step = step_named(step_name)
     folder = getattr(cfg.paths, step.output)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "out.txt").write_text(content)
+    for name in files or (PREPARED if step_name == "ingest" else ("out.txt",)):
+        (folder / name).write_text(content)
     run = provenance.RunInfo(command, pipeline_run_id="0123456789abcdef")
     provenance.started(cfg, step, run)
     provenance.finished(cfg, step, run)
@@ -69,7 +76,8 @@ def test_an_interrupted_step_a_missing_output_and_another_version_are_stale(cfg)
     make(cfg, "teacher")
     record = provenance.records(cfg.paths.root) / "teacher.json"
     doc = json.loads(record.read_text())
-    assert doc["inputs"] == {"prepared": provenance.folder_hash(cfg.paths.prepared)}
+    assert doc["inputs"] == {"prepared": provenance.folder_hash(
+        cfg.paths.prepared, step_named("teacher").reads["prepared"])}
     assert doc["kdpipe_version"] == __version__ and doc["pipeline_run_id"] == "0123456789abcdef"
     record.write_text(json.dumps({**doc, "kdpipe_version": "0.0.1"}))
     assert provenance.stale(cfg, teacher) == f"made by kdpipe 0.0.1, this is {__version__}"
@@ -161,3 +169,24 @@ def test_checkpoint_text_reads_where_training_stands(cfg):
         (folder / "state.json").write_text(json.dumps({"state": state}))
         assert provenance.checkpoint_text(cfg.paths, step_named(step)) == text
     assert provenance.checkpoint_text(cfg.paths, step_named("prune")) is None
+
+
+def test_a_step_is_stale_only_for_the_files_of_a_folder_it_reads(cfg):
+    # New unlabeled texts change unlabeled.parquet and the data card only: the teacher, which
+    # reads neither, is kept; soft_labels, which reads the texts, is not.
+    teacher, soft_labels = step_named("teacher"), step_named("soft_labels")
+    make(cfg, "ingest")
+    make(cfg, "teacher")
+    make(cfg, "soft_labels")
+    assert provenance.stale(cfg, teacher) is None and provenance.stale(cfg, soft_labels) is None
+    make(cfg, "ingest", content="unlabeled texts", files=("unlabeled.parquet",
+                                                          "data_card.json"))
+    assert provenance.stale(cfg, teacher) is None
+    assert provenance.stale(cfg, soft_labels) == \
+        f"{cfg.paths.prepared} has changed since it ran"
+    provenance.check_consistent(cfg.paths, [teacher], "kdpipe predict")  # no mix for it
+    with pytest.raises(KdpipeError, match="was made from an earlier"):
+        provenance.check_consistent(cfg.paths, [soft_labels], "kdpipe predict")
+    make(cfg, "ingest", content="new rows", files=("train.parquet",))
+    assert provenance.stale(cfg, teacher) == f"{cfg.paths.prepared} has changed since it ran"
+

@@ -59,6 +59,13 @@ def test_a_stage_reads_the_declared_folders_writes_the_output_and_lists_the_sett
     folder = {name: getattr(layout, name).relative_to(layout.root).as_posix()
               for name in (*step.folders, step.output)}
     data = [d.replace("${work_dir}", work) for d in stage["deps"] if "${work_dir}" in d]
+    # Of a folder it reads in part, DVC lists exactly the files the step declares it reads.
+    for name, files in step.reads.items():
+        listed = sorted(Path(d).name for d in data if Path(d).parent == layout.root /
+                        folder[name])
+        assert listed == sorted(files), (step.name, name, listed)
+    assert not [d for d in data if Path(d).parent == layout.root / folder.get(
+        "prepared", "-")] or "prepared" in step.reads, step.name
     for name in step.folders:
         assert any(Path(d) == layout.root / folder[name] or
                    Path(d).parent == layout.root / folder[name] for d in data), (step.name, name)
