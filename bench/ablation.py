@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
-from kdpipe.config import Config, load_config
-from kdpipe.steps import distill, fractionate
+sys.path.insert(0, str(Path(__file__).parent))
+from kdpipe.config import Config, load_config  # noqa: E402
+from kdpipe.steps import distill, fractionate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -68,7 +70,11 @@ def distil(cfg: Config, name: str) -> dict:
     fractionate.run(cfg, cfg.paths.soft_labels, cfg.paths.prepared, work / "fractions")
     result = distill.run(cfg, cfg.paths.prepared, cfg.paths.soft_labels, work / "fractions",
                          cfg.paths.teacher, work / "student")
+    from unlabeled import student_scores
+
+    test = student_scores(work / "student", cfg.paths.prepared)["test_accuracy"]
     return {"val_accuracy": result.metrics["val_accuracy"],
+            "test_accuracy": round(test, 4),
             "val_macro_f1": result.metrics["val_macro_f1"],
             "epochs_run": result.metrics["epochs_run"],
             "params": int(result.metrics["params"]),
@@ -161,17 +167,18 @@ def print_table(rows: list[dict], teacher_acc: float) -> None:
     """One line per setting: the first seed's row, and where other seeds ran, the mean and
     the spread (max - min) of all of them."""
     print(f"\nteacher validation accuracy: {teacher_acc:.4f}\n")
-    print("| student | loss | fractionation | val acc | seeds: mean (spread) | % of teacher "
-          "| macro-F1 | epochs run | params | seconds |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| student | loss | fractionation | val acc | seeds: mean (spread) | test acc "
+          "| % of teacher | macro-F1 | epochs run | params | seconds |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in (r for r in rows if "seed" not in r):
         same = [o["val_accuracy"] for o in rows
                 if (o["student"], o["variant"], o["strategy"]) ==
                 (r["student"], r["variant"], r["strategy"])]
         seeds = (f"{sum(same) / len(same):.4f} ({max(same) - min(same):.4f}, n={len(same)})"
                  if len(same) > 1 else "–")
+        test = f"{r['test_accuracy']:.4f}" if "test_accuracy" in r else "–"
         print(f"| {r['student']} | {r['variant']} | {r['strategy']} | {r['val_accuracy']:.4f} "
-              f"| {seeds} | {r['pct_of_teacher']:.1f} | {r['val_macro_f1']:.4f} "
+              f"| {seeds} | {test} | {r['pct_of_teacher']:.1f} | {r['val_macro_f1']:.4f} "
               f"| {r['epochs_run']:.0f}{'/' + str(r['epochs']) if 'epochs' in r else ''} "
               f"| {r['params']:,} | {r['seconds']:.0f} |")
 

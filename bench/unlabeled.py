@@ -73,19 +73,18 @@ def kdpipe_run(project: Path, settings: list[str]) -> dict[str, float]:
     return seconds
 
 
-def student_scores(project: Path) -> dict[str, float]:
-    """Validation and test accuracy of work/student (the distilled, unpruned student)."""
+def student_scores(student_dir: Path, prepared_dir: Path) -> dict[str, float]:
+    """Validation and test accuracy of a distilled (unpruned) student folder."""
     import torch
 
     from kdpipe.data.prepare import read_split
     from kdpipe.models.students import load_student, load_student_tokenizer
     from kdpipe.serving.padding import pad_ids
 
-    folder = project / "work" / "student"
-    model, tokenizer = load_student(folder), load_student_tokenizer(folder)
+    model, tokenizer = load_student(student_dir), load_student_tokenizer(student_dir)
     out = {}
     for split in ("validation", "test"):
-        rows = read_split(project / "work" / "prepared" / f"{split}.parquet")
+        rows = read_split(prepared_dir / f"{split}.parquet")
         ids = tokenizer(rows.texts, truncation=True, max_length=128)["input_ids"]
         predicted = []
         with torch.inference_mode():
@@ -119,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
         card = json.loads((project / "work" / "prepared" / "data_card.json").read_text())
         rows[name] = {"train_rows": card["rows"]["train"],
                       "unlabeled_rows": (card.get("unlabeled") or {}).get("rows", 0),
-                      "seconds": seconds, **student_scores(project)}
+                      "seconds": seconds,
+                      **student_scores(project / "work" / "student",
+                                       project / "work" / "prepared")}
         print(f"[unlabeled] {name}: {json.dumps(rows[name])}", flush=True)
     doc = {"data": data.name, "machine": bench.machine(), "settings": SETTINGS, "rows": rows}
     bench.write_json(Path(args.results) / f"unlabeled_{data.name}.json", doc)

@@ -17,7 +17,8 @@ Strategies (``fractionate.strategy``), all driven by the teacher's cached output
 - ``domain``: the ``fraction`` closest to a target domain (``domain_target``: the validation
   texts, or the unlabeled ones) by the teacher's cached [CLS] features: cosine to the
   target's mean direction, or the mean cosine to the ``domain_k`` nearest target texts
-  (``domain_score``); the target's labels are never read;
+  (``domain_score``); by default the closest ``fraction`` of each class
+  (``domain_per_class``); the target's labels are never read;
 - ``class_balanced``: every row, weighted by the inverse frequency of its class;
 - ``dynamic``: per epoch e, the top ``schedule[e]`` of one ranking (``schedule_by``), so the
   epochs' selections are nested prefixes of the same order; the last entry repeats.
@@ -117,9 +118,21 @@ def domain_similarity(features: np.ndarray, target: np.ndarray, score: str = "ce
     return out
 
 
-def rank_domain(similarity: np.ndarray) -> np.ndarray:
-    """All row ids, closest to the target domain first (ties: lower id first)."""
-    return _rank(-np.asarray(similarity, dtype=np.float64))
+def rank_domain(similarity: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """All row ids, closest to the target domain first (ties: lower id first). With
+    ``labels``, by closeness within the row's class: a row's score is the share of its class
+    closer than it, so any prefix keeps about that share of every class (the classes' balance
+    stays as it was)."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if labels is None:
+        return _rank(-similarity)
+    labels = np.asarray(labels)
+    score = np.empty(len(similarity))
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        order = rows[_rank(-similarity[rows])]
+        score[order] = np.arange(len(rows)) / len(rows)
+    return _rank(score)
 
 
 # ---------------------------------------------------------------- selections
@@ -175,12 +188,13 @@ def dynamic(schedule: Sequence[float], order: np.ndarray) -> list[np.ndarray]:
     return [top(order, fraction) for fraction in schedule]
 
 
-Ranking = Callable[[np.ndarray, np.random.Generator, "np.ndarray | None"], np.ndarray]
+Ranking = Callable[[np.ndarray, np.random.Generator, "np.ndarray | None",
+                     "np.ndarray | None"], np.ndarray]
 RANKINGS: dict[str, Ranking] = {
-    "entropy": lambda logits, rng, domain: rank_entropy(logits),
-    "margin": lambda logits, rng, domain: rank_margin(logits),
-    "random": lambda logits, rng, domain: rank_random(len(logits), rng),
-    "domain": lambda logits, rng, domain: rank_domain(_needed(domain)),
+    "entropy": lambda logits, rng, domain, labels: rank_entropy(logits),
+    "margin": lambda logits, rng, domain, labels: rank_margin(logits),
+    "random": lambda logits, rng, domain, labels: rank_random(len(logits), rng),
+    "domain": lambda logits, rng, domain, labels: rank_domain(_needed(domain), labels),
 }
 
 
@@ -194,13 +208,14 @@ def plan(cfg: FractionateConfig, logits: np.ndarray, labels: np.ndarray, num_cla
     n = len(logits)
     rng = np.random.default_rng(seed)
     if cfg.strategy == "all":
-        chosen = [select_all(n)]
-    elif cfg.strategy == "class_balanced":
+        return [(select_all(n), np.ones(n, dtype=np.float32))]
+    if cfg.strategy == "class_balanced":
         return [(select_all(n), class_balanced_weights(labels, num_classes))]
-    elif cfg.strategy == "dynamic":
-        chosen = dynamic(cfg.schedule, RANKINGS[cfg.schedule_by](logits, rng, domain))
+    by_class = labels if cfg.domain_per_class else None
+    if cfg.strategy == "dynamic":
+        chosen = dynamic(cfg.schedule, RANKINGS[cfg.schedule_by](logits, rng, domain, by_class))
     else:
-        chosen = [top(RANKINGS[cfg.strategy](logits, rng, domain), cfg.fraction)]
+        chosen = [top(RANKINGS[cfg.strategy](logits, rng, domain, by_class), cfg.fraction)]
     return [(idx, np.ones(len(idx), dtype=np.float32)) for idx in chosen]
 
 

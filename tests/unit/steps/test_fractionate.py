@@ -286,8 +286,25 @@ def test_plan_domain_keeps_the_closest_fraction_and_dynamic_can_rank_by_it():
         plan(FractionateConfig(strategy="domain"), logits, np.zeros(6, np.int64), 2, 0)
 
 
+def test_domain_keeps_the_closest_share_of_each_class_unless_told_otherwise():
+    logits = np.zeros((6, 2), np.float32)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    similarity = np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])  # class 1 is far from the target
+    overall = plan(FractionateConfig(strategy="domain", fraction=0.5, domain_per_class=False),
+                   logits, labels, 2, 0, similarity)
+    assert overall[0][0].tolist() == [0, 1, 2]  # class 1 gone
+    # Per class: share of the class closer than the row: rows 0 and 5 score 0, 1 and 4 1/3.
+    kept = plan(FractionateConfig(strategy="domain", fraction=0.5), logits, labels, 2, 0,
+                similarity)
+    assert kept[0][0].tolist() == [0, 1, 5]
+    both = plan(FractionateConfig(strategy="domain", fraction=4 / 6), logits, labels, 2, 0,
+                similarity)
+    assert both[0][0].tolist() == [0, 1, 4, 5]  # two of each
+
+
 def test_run_domain_ranks_train_by_closeness_to_validation(labelled):
-    cfg = labelled(**{"fractionate.strategy": "domain", "fractionate.fraction": 0.25})
+    cfg = labelled(**{"fractionate.strategy": "domain", "fractionate.fraction": 0.25,
+                      "fractionate.domain_per_class": False})
     result = fractionate_run(cfg)
     arrays = soft_labels.load(cfg.paths.soft_labels)
     expected = domain_similarity(np.asarray(arrays["train_features"]),

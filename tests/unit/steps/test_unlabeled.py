@@ -143,7 +143,8 @@ def test_include_unlabeled_false_leaves_them_out_and_no_setting_keeps_the_old_ha
     # The unlabeled texts as a target domain only: rows ranked by closeness to them.
     cfg, _ = labelled(**{"fractionate.include_unlabeled": False,
                          "fractionate.strategy": "domain", "fractionate.fraction": 0.5,
-                         "fractionate.domain_target": "unlabeled"})
+                         "fractionate.domain_target": "unlabeled",
+                         "fractionate.domain_per_class": False})
     fractionate.run(cfg, cfg.paths.soft_labels, cfg.paths.prepared, cfg.paths.fractions)
     report = json.loads((cfg.paths.fractions / "report.json").read_text())
     assert report["rows"]["unlabeled"] == 0
