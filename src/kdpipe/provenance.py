@@ -66,14 +66,18 @@ def producer(folder: str) -> Step:
 def folder_hash(path: Path, only: Iterable[str] | None = None) -> str:
     """SHA-256 over every file under ``path`` (or the ``only`` ones, relative names):
     relative name, size and bytes, in name order."""
-    return combined_hash(file_hashes(path), only)
+    return combined_hash(file_hashes(path, only))
 
 
-def file_hashes(path: Path) -> dict[str, tuple[int, str]]:
-    """Every file under ``path``: relative name -> (size, SHA-256 of its bytes)."""
+def file_hashes(path: Path, only: Iterable[str] | None = None) -> dict[str, tuple[int, str]]:
+    """Every file under ``path`` (or the ``only`` ones, relative names): relative name ->
+    (size, SHA-256 of its bytes). Files not asked for are not read."""
     path = Path(path)
+    keep = None if only is None else set(only)
     out = {}
     for file in _files(path):
+        if keep is not None and file.relative_to(path).as_posix() not in keep:
+            continue
         with open(file, "rb") as handle:
             out[file.relative_to(path).as_posix()] = (
                 file.stat().st_size, hashlib.file_digest(handle, "sha256").hexdigest())

@@ -304,14 +304,17 @@ class CRD(LossTerm):
         return value
 
 
-def transformer_layers(student: Student, setting: str) -> list[int]:
-    """The teacher layers (0-based) the transformer student's layers were copied from; an
-    error naming ``setting`` for any other student (they have no layers to match)."""
+def layer_pairs(student: Student, setting: str,
+                given: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
+    """(student, teacher) layer pairs, numbered from 1: ``given``, or each layer of the
+    transformer student with the teacher layer it was copied from. An error naming
+    ``setting`` for any other student (they have no layers to match)."""
     record = getattr(student, "student_record", {})
     if "teacher_layers" not in record:
         raise KdpipeError(f"{setting} > 0 needs student.arch=transformer (only it has layers "
                           "to match)")
-    return list(record["teacher_layers"])
+    pairs = given or [(i + 1, layer + 1) for i, layer in enumerate(record["teacher_layers"])]
+    return [tuple(p) for p in pairs]
 
 
 @term
@@ -329,9 +332,7 @@ class Hidden(LossTerm):
     def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
                  teacher_dir: Path | None) -> None:
         super().__init__(d, student, teacher_width, teacher_dir)
-        layers = transformer_layers(student, "distill.hidden.weight")
-        pairs = d.hidden.layer_pairs or [(i + 1, layer + 1) for i, layer in enumerate(layers)]
-        self.layer_pairs = [tuple(p) for p in pairs]
+        self.layer_pairs = layer_pairs(student, "distill.hidden.weight", d.hidden.layer_pairs)
 
     def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
         return losses.hidden_mse(out.hidden_states, self.alongside.outputs(b).hidden_states,
@@ -353,10 +354,8 @@ class Attention(LossTerm):
     def __init__(self, d: DistillConfig, student: Student, teacher_width: int,
                  teacher_dir: Path | None) -> None:
         super().__init__(d, student, teacher_width, teacher_dir)
-        layers = transformer_layers(student, "distill.attention.weight")
-        pairs = d.attention.layer_pairs or [(i + 1, layer + 1)
-                                            for i, layer in enumerate(layers)]
-        self.layer_pairs = [tuple(p) for p in pairs]
+        self.layer_pairs = layer_pairs(student, "distill.attention.weight",
+                                       d.attention.layer_pairs)
         student.return_attentions(True)
 
     def __call__(self, b: Batch, out: StudentOutput, terms: LossTerms) -> Tensor:
